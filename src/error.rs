@@ -1,0 +1,140 @@
+//! Error kinds and the exit codes they map to. Library modules keep their own typed errors; each
+//! one names its [`Kind`], and `main` walks an error chain to find the first kind it knows.
+
+use std::fmt;
+
+/// What went wrong, as far as the exit code is concerned. The numbers are part of the interface:
+/// scripts and cron jobs branch on them (see docs/exit-codes.md and `imgcache --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Anything without a more specific code (an I/O error on the cache, a bug).
+    Other,
+    /// Bad command line or settings: an invalid image id, an unknown flag, a malformed URL.
+    Usage,
+    /// Glance answered 404 for the image.
+    NotFound,
+    /// The image exists but has no usable data: not `active`, or Glance answered 204 "no data".
+    NotUsable,
+    /// The image failed a safety check and was not handed to qemu-img (or qemu-img disagreed).
+    Refused,
+    /// The bytes do not match Glance's size or hash.
+    Integrity,
+    /// Glance could not be reached or kept failing after every retry.
+    Unavailable,
+    /// Another process held the entry's lock past `--lock-timeout`.
+    LockTimeout,
+    /// Not enough free space in the cache filesystem.
+    NoSpace,
+    /// Glance refused the credentials (401/403).
+    Auth,
+    /// An external tool (qemu-img) is missing or failed.
+    Tool,
+}
+
+impl Kind {
+    /// The process exit code for this kind.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Kind::Other => 1,
+            Kind::Usage => 2,
+            Kind::NotFound => 3,
+            Kind::NotUsable => 4,
+            Kind::Refused => 5,
+            Kind::Integrity => 6,
+            Kind::Unavailable => 7,
+            Kind::LockTimeout => 8,
+            Kind::NoSpace => 9,
+            Kind::Auth => 10,
+            Kind::Tool => 11,
+        }
+    }
+
+    /// A short stable name, used in `--json` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Other => "error",
+            Kind::Usage => "usage",
+            Kind::NotFound => "not-found",
+            Kind::NotUsable => "not-usable",
+            Kind::Refused => "refused",
+            Kind::Integrity => "integrity",
+            Kind::Unavailable => "unavailable",
+            Kind::LockTimeout => "lock-timeout",
+            Kind::NoSpace => "no-space",
+            Kind::Auth => "auth",
+            Kind::Tool => "tool",
+        }
+    }
+}
+
+/// The table printed at the end of `imgcache --help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   success
+  1   other error (I/O error on the cache, internal error)
+  2   usage: bad arguments, bad image id, bad URL
+  3   image not found in Glance (404)
+  4   image not usable: not active, or Glance has no data for it (204)
+  5   image refused by a safety check (backing file, data file, format mismatch, ...)
+  6   integrity: size or hash does not match Glance's record
+  7   Glance unavailable after all retries
+  8   timed out waiting for a cache lock (--lock-timeout)
+  9   no space left in the cache filesystem
+  10  Glance refused the credentials (401/403)
+  11  qemu-img missing or failed
+With several image ids, the exit code is that of the first failed id in command-line order.";
+
+/// A usage error raised after argument parsing (for example an invalid image id).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Finds the kind of an error by walking its chain, outermost first.
+pub fn kind_of(err: &anyhow::Error) -> Kind {
+    for cause in err.chain() {
+        if let Some(kind) = kind_of_cause(cause) {
+            return kind;
+        }
+    }
+    Kind::Other
+}
+
+fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
+    if cause.is::<UsageError>() {
+        return Some(Kind::Usage);
+    }
+    if let Some(e) = cause.downcast_ref::<crate::glance::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<crate::lock::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<crate::inspect::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<crate::qemu_img::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<crate::fetch::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<std::io::Error>()
+        && is_no_space(e)
+    {
+        return Some(Kind::NoSpace);
+    }
+    None
+}
+
+/// True for ENOSPC and EDQUOT: the filesystem (or the user's quota) is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull
+}

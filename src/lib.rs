@@ -1,0 +1,31 @@
+//! imgcache: the VM image cache of a compute host, as a library behind the `imgcache` CLI.
+
+pub mod cache;
+pub mod cli;
+pub mod commands;
+pub mod error;
+pub mod fetch;
+pub mod glance;
+pub mod inspect;
+pub mod lock;
+pub mod progress;
+pub mod qemu_img;
+
+use anyhow::Result;
+
+/// How a command ended when it did not fail outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything asked for was done.
+    Success,
+    /// Some items failed; they were reported; exit with this code.
+    Partial(u8),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: cli::Cli) -> Result<Outcome> {
+    let reporter = progress::Terminal::new(cli.global.quiet, cli.global.verbose);
+    match cli.command {
+        cli::Command::Fetch(args) => commands::fetch::run(&cli.global, args, &reporter),
+    }
+}

@@ -1,0 +1,146 @@
+//! The only place that draws. Library code reports through [`Reporter`]; the terminal
+//! implementation shows indicatif bars on a TTY and plain lines otherwise, and `--quiet`
+//! silences everything but warnings.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How long-running work tells the user what it is doing.
+pub trait Reporter: Send + Sync {
+    /// Something the user should know now (waiting for a lock, resuming a download).
+    fn info(&self, msg: &str);
+    /// Something that went wrong but did not stop the work (a retry, a fallback).
+    fn warn(&self, msg: &str);
+    /// Detail for `-v`.
+    fn debug(&self, msg: &str);
+    /// A progress display for one transfer or step.
+    fn transfer(&self, label: &str) -> Box<dyn Transfer>;
+}
+
+/// Progress of one image.
+pub trait Transfer: Send {
+    /// Says what stage the work is at (downloading, inspecting, converting).
+    fn stage(&self, stage: &str);
+    /// Sets the total byte count, when known.
+    fn set_length(&self, len: Option<u64>);
+    /// Sets the bytes done so far.
+    fn set_position(&self, pos: u64);
+}
+
+/// Reports nothing: for library callers and tests.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn info(&self, _: &str) {}
+    fn warn(&self, _: &str) {}
+    fn debug(&self, _: &str) {}
+    fn transfer(&self, _: &str) -> Box<dyn Transfer> {
+        Box::new(NoBar)
+    }
+}
+
+struct NoBar;
+
+impl Transfer for NoBar {
+    fn stage(&self, _: &str) {}
+    fn set_length(&self, _: Option<u64>) {}
+    fn set_position(&self, _: u64) {}
+}
+
+/// Reports to stderr: bars on a TTY (never under `--quiet`), lines otherwise.
+pub struct Terminal {
+    multi: Option<MultiProgress>,
+    quiet: bool,
+    verbose: u8,
+}
+
+impl Terminal {
+    /// `quiet` keeps only warnings; `verbose` ≥ 1 shows debug lines.
+    pub fn new(quiet: bool, verbose: u8) -> Terminal {
+        let bars = !quiet && std::io::stderr().is_terminal();
+        Terminal {
+            multi: bars.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+            quiet,
+            verbose,
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.multi {
+            Some(m) => m.suspend(|| eprintln!("{text}")),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+impl Reporter for Terminal {
+    fn info(&self, msg: &str) {
+        if !self.quiet {
+            self.line(&format!("imgcache: {msg}"));
+        }
+    }
+
+    fn warn(&self, msg: &str) {
+        self.line(&format!("imgcache: warning: {msg}"));
+    }
+
+    fn debug(&self, msg: &str) {
+        if self.verbose > 0 && !self.quiet {
+            self.line(&format!("imgcache: {msg}"));
+        }
+    }
+
+    fn transfer(&self, label: &str) -> Box<dyn Transfer> {
+        let Some(multi) = &self.multi else {
+            return Box::new(NoBar);
+        };
+        let bar = multi.add(ProgressBar::no_length());
+        bar.set_style(style(false));
+        bar.set_prefix(label.chars().take(36).collect::<String>());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Box::new(Bar { bar })
+    }
+}
+
+fn style(known: bool) -> ProgressStyle {
+    let template = if known {
+        "{prefix:36} {msg:12} [{bar:30}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12} {eta}"
+    } else {
+        "{prefix:36} {msg:12} {spinner} {binary_bytes:>10} {binary_bytes_per_sec:>12}"
+    };
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Transfer for Bar {
+    fn stage(&self, stage: &str) {
+        self.bar.set_message(stage.to_owned());
+    }
+
+    fn set_length(&self, len: Option<u64>) {
+        match len {
+            Some(n) => {
+                self.bar.set_style(style(true));
+                self.bar.set_length(n);
+            }
+            None => self.bar.unset_length(),
+        }
+    }
+
+    fn set_position(&self, pos: u64) {
+        self.bar.set_position(pos);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,170 @@
+//! The qemu-img subprocess. Every call passes `-f <format>` (CVE-2026-24708: never let qemu-img
+//! probe), `info` runs under rlimits, and stderr is captured into the error.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+use crate::error::Kind;
+
+/// Address-space limit for `qemu-img info`: 1 GiB, as Nova's QEMU_IMG_LIMITS before 2023.
+const INFO_AS_LIMIT: u64 = 1 << 30;
+/// CPU-time limit for `qemu-img info`: 30 s, as Nova's QEMU_IMG_LIMITS.
+const INFO_CPU_LIMIT: u64 = 30;
+
+/// qemu-img failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("qemu-img not found ({0}); install it: apt-get install qemu-utils")]
+    Missing(String),
+    #[error("qemu-img {op} {path} failed ({status}): {stderr}")]
+    Failed {
+        op: &'static str,
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot parse `qemu-img info` output for {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+}
+
+impl Error {
+    /// The exit-code kind of this error.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::Failed { stderr, .. } if stderr.contains("No space left on device") => {
+                Kind::NoSpace
+            }
+            _ => Kind::Tool,
+        }
+    }
+}
+
+/// The parts of `qemu-img info --output=json` imgcache checks.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Info {
+    pub format: String,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    pub backing_filename: Option<String>,
+    #[serde(rename = "format-specific", default)]
+    pub format_specific: Option<FormatSpecific>,
+}
+
+/// `format-specific` of `qemu-img info`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FormatSpecific {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Info {
+    /// `format-specific.data.data-file` (qcow2 external data file), if any.
+    pub fn data_file(&self) -> Option<&str> {
+        self.format_specific
+            .as_ref()
+            .and_then(|f| f.data.get("data-file"))
+            .and_then(|v| v.as_str())
+    }
+
+    /// `format-specific.data.create-type` (vmdk), if any.
+    pub fn create_type(&self) -> Option<&str> {
+        self.format_specific
+            .as_ref()
+            .and_then(|f| f.data.get("create-type"))
+            .and_then(|v| v.as_str())
+    }
+}
+
+/// The qemu-img binary (`IMGCACHE_QEMU_IMG` overrides the one on PATH).
+fn binary() -> PathBuf {
+    std::env::var_os("IMGCACHE_QEMU_IMG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-img"))
+}
+
+/// Runs `qemu-img info --output=json -f <format> <path>` under rlimits.
+pub fn info(path: &Path, format: &str) -> Result<Info, Error> {
+    let mut cmd = Command::new(binary());
+    cmd.args(["info", "--output=json", "-f", format]).arg(path);
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            set_limit(libc::RLIMIT_AS, INFO_AS_LIMIT)?;
+            set_limit(libc::RLIMIT_CPU, INFO_CPU_LIMIT)
+        });
+    }
+    let out = run(cmd, "info", path)?;
+    serde_json::from_slice(&out).map_err(|e| Error::Parse {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Runs `qemu-img convert -t <cache> -f <from> -O raw <src> <dst>`.
+pub fn convert_to_raw(src: &Path, from: &str, dst: &Path, direct_io: bool) -> Result<(), Error> {
+    let mut cmd = Command::new(binary());
+    cmd.args(["convert", "-t", if direct_io { "none" } else { "writeback" }])
+        .args(["-f", from, "-O", "raw"])
+        .arg(src)
+        .arg(dst);
+    run(cmd, "convert", src).map(drop)
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: plain syscall with a valid pointer to a local struct.
+    if unsafe { libc::setrlimit(resource, &lim) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs the command, draining stderr on its own thread; returns stdout on success.
+fn run(mut cmd: Command, op: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| Error::Missing(e.to_string()))?;
+    let mut stderr_pipe = child.stderr.take();
+    let drain = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(p) = stderr_pipe.as_mut() {
+            let _ = p.read_to_end(&mut s);
+        }
+        s
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut p) = child.stdout.take() {
+        let _ = p.read_to_end(&mut stdout);
+    }
+    let status = child.wait().map_err(|e| Error::Missing(e.to_string()))?;
+    let stderr = drain.join().unwrap_or_default();
+    if status.success() {
+        return Ok(stdout);
+    }
+    let text = String::from_utf8_lossy(&stderr);
+    let stderr = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(Error::Failed {
+        op,
+        path: path.to_owned(),
+        status: status.to_string(),
+        stderr,
+    })
+}
