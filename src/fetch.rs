@@ -112,8 +112,8 @@ pub struct Fetched {
 /// the entry's lock is taken (waiting with a notice), the cache is re-checked under the lock, and
 /// the image is downloaded (resuming a `.part` left by an earlier run), verified against Glance's
 /// size and hash, inspected, converted to raw if asked, and persisted atomically with its record.
-/// On failure no entry is created; a `.part` is kept only when the transfer itself failed, so a
-/// later run can resume it.
+/// On failure no entry and no temp file is left; only a killed process leaves a `.part`, which
+/// the next run resumes.
 pub fn ensure(
     cache: &Cache,
     glance: &Client,
@@ -208,19 +208,9 @@ fn build_entry(
     let (size, digest) = match received {
         Ok(v) => v,
         Err(e) => {
-            // Keep a partial download only for transfer failures, which a rerun resumes.
-            let transfer_failure = e
-                .downcast_ref::<glance::Error>()
-                .is_some_and(glance::Error::retryable);
-            if !transfer_failure {
-                let _ = fs::remove_file(part);
-            } else if let Ok(m) = fs::metadata(part) {
-                return Err(e.context(format!(
-                    "{} bytes kept in {}; run the command again to resume",
-                    m.len(),
-                    part.display()
-                )));
-            }
+            // Within a run, retries already resume; a failed run leaves no temp file behind.
+            // Only a killed process leaves a `.part`, and the next run resumes it.
+            let _ = fs::remove_file(part);
             return Err(e);
         }
     };
@@ -634,6 +624,9 @@ fn download(
     }
     bar.set_position(pos);
     let mut failures = 0;
+    // Only bytes beyond the furthest point reached count as progress, so a server that keeps
+    // restarting or ending early cannot keep us looping.
+    let mut furthest = pos;
     loop {
         let complete = image.size.is_some_and(|s| pos == s);
         if complete {
@@ -691,7 +684,9 @@ fn download(
                 _ => break,
             },
         };
-        if copied == 0 {
+        if pos > furthest {
+            furthest = pos;
+        } else {
             failures += 1;
         }
         if !failure.retryable() || failures > opts.retries {

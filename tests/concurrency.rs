@@ -1,0 +1,65 @@
+//! Many processes, one image: exactly one download, everyone gets the same entry.
+
+use std::time::Duration;
+
+use crate::support::fault_server::{FaultServer, Image};
+use crate::support::{Cache, entry_name, test_bytes};
+
+#[test]
+fn eight_processes_fetching_one_image_download_it_once() {
+    let data = test_bytes(2 << 20, 11);
+    let srv = FaultServer::start(Image::raw("img-herd", data.clone()));
+    // Slow enough that all eight start while the first is still downloading.
+    srv.pace(Some(Duration::from_millis(15)));
+    let cache = Cache::new();
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            cache
+                .fetch(&srv.url)
+                .arg("img-herd")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let path = cache.base().join(entry_name("img-herd"));
+    let expected = format!("img-herd {}\n", path.display());
+    let mut waited = 0;
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), expected);
+        if String::from_utf8_lossy(&o.stderr).contains("waiting for the lock") {
+            waited += 1;
+        }
+    }
+    assert_eq!(srv.file_requests().len(), 1, "exactly one download");
+    assert!(waited >= 1, "at least one process said it was waiting");
+    assert!(std::fs::read(&path).unwrap() == data);
+    cache.assert_clean_or_complete(Some(&entry_name("img-herd")));
+}
+
+#[test]
+fn lock_timeout_has_its_own_exit_code() {
+    let data = test_bytes(1 << 20, 12);
+    let srv = FaultServer::start(Image::raw("img-busy", data));
+    let cache = Cache::new();
+    let locks = cache.instances().join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    let lock_path = locks.join(format!("imgcache-{}", entry_name("img-busy")));
+    let holder = std::fs::File::create(&lock_path).unwrap();
+    fs2::FileExt::lock_exclusive(&holder).unwrap();
+    let r = crate::support::run(
+        cache
+            .fetch(&srv.url)
+            .args(["--lock-timeout", "300ms", "img-busy"]),
+    );
+    r.assert_code(8);
+    assert!(r.stderr.contains("waiting for the lock on image img-busy"), "{}", r.stderr);
+    assert!(r.stderr.contains("--lock-timeout"), "{}", r.stderr);
+    assert!(srv.file_requests().is_empty());
+}

@@ -1,0 +1,9 @@
+//! The integration tests, compiled as one binary. Everything runs the `imgcache` binary from
+//! outside, against a real Glance or the fault server.
+
+mod support;
+
+mod cli;
+mod concurrency;
+mod fetch_faults;
+mod fetch_real;

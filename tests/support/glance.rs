@@ -1,0 +1,108 @@
+//! A real Glance (PyPI glance under gunicorn, sqlite, file store), started once per test binary
+//! by `scripts/glance/start` and stopped at exit by `scripts/glance/stop`. Tests that use it fail
+//! (never skip) when it cannot start: run `scripts/glance/install` first (the test script does).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The shared real Glance.
+pub struct RealGlance {
+    pub url: String,
+    dir: PathBuf,
+}
+
+static GLANCE: OnceLock<RealGlance> = OnceLock::new();
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance")
+}
+
+extern "C" fn stop_at_exit() {
+    if let Some(g) = GLANCE.get() {
+        let _ = Command::new(scripts().join("stop")).arg(&g.dir).output();
+        let _ = std::fs::remove_dir_all(&g.dir);
+    }
+}
+
+/// Starts Glance on first use; every later call returns the same one.
+pub fn real() -> &'static RealGlance {
+    GLANCE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("imgcache-glance-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let out = Command::new(scripts().join("start"))
+            .arg(&dir)
+            .output()
+            .expect("run scripts/glance/start");
+        assert!(
+            out.status.success(),
+            "cannot start the real Glance (run scripts/glance/install): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        // SAFETY: registering a plain extern "C" function with no captured state.
+        unsafe {
+            libc::atexit(stop_at_exit);
+        }
+        RealGlance { url, dir }
+    })
+}
+
+impl RealGlance {
+    fn http() -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .expect("client")
+    }
+
+    /// Creates an image record (status `queued`) and returns its id.
+    pub fn create(&self, name: &str, disk_format: &str) -> String {
+        let resp = Self::http()
+            .post(format!("{}/v2/images", self.url))
+            .header("Content-Type", "application/json")
+            .body(
+                serde_json::json!({
+                    "name": name,
+                    "disk_format": disk_format,
+                    "container_format": "bare",
+                })
+                .to_string(),
+            )
+            .send()
+            .expect("create image");
+        assert_eq!(resp.status().as_u16(), 201, "create: {:?}", resp.text());
+        let v: serde_json::Value = serde_json::from_slice(&resp.bytes().expect("body")).expect("json");
+        v["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Creates an image and uploads `file` into it; returns the id once it is active.
+    pub fn upload(&self, name: &str, disk_format: &str, file: &Path) -> String {
+        let id = self.create(name, disk_format);
+        let resp = Self::http()
+            .put(format!("{}/v2/images/{id}/file", self.url))
+            .header("Content-Type", "application/octet-stream")
+            .body(std::fs::File::open(file).expect("open upload"))
+            .send()
+            .expect("upload");
+        assert_eq!(resp.status().as_u16(), 204, "upload: {:?}", resp.text());
+        let record = self.show(&id);
+        assert_eq!(record["status"], "active", "{record}");
+        id
+    }
+
+    /// `GET /v2/images/{id}` as JSON.
+    pub fn show(&self, id: &str) -> serde_json::Value {
+        let body = Self::http()
+            .get(format!("{}/v2/images/{id}", self.url))
+            .send()
+            .expect("show")
+            .bytes()
+            .expect("body");
+        serde_json::from_slice(&body).expect("json")
+    }
+}
