@@ -74,10 +74,7 @@ impl Cache {
             .into());
         }
         let instances = std::path::absolute(instances_path).with_context(|| {
-            format!(
-                "cannot resolve instances path {}",
-                instances_path.display()
-            )
+            format!("cannot resolve instances path {}", instances_path.display())
         })?;
         Ok(Cache {
             base: instances.join(base_dir_name),
@@ -204,11 +201,72 @@ pub struct Record {
     pub virtual_size: u64,
     /// Size of the entry file (apparent), to detect an entry that no longer matches its record.
     pub entry_size: u64,
+    /// XXH3-128 of the entry's content, for `verify`: the entry is derived locally from
+    /// verified data, so this guards against later corruption (bit rot, truncation, edits),
+    /// cheaply enough to compute for converted entries too.
+    pub content_xxh3: String,
     pub fetched_at: String,
     pub fetched_at_unix: u64,
     /// Selected image properties (kernel_id, ramdisk_id, os_type, ...), as Glance sent them.
     #[serde(default)]
     pub properties: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The hex form of a finished content digest.
+pub fn content_hex(h: &xxhash_rust::xxh3::Xxh3) -> String {
+    format!("{:032x}", h.digest128())
+}
+
+/// XXH3-128 of a file's content, reading only its data extents: holes (SEEK_HOLE) are fed as
+/// zeros from memory, so a sparse 2 GiB entry with 100 MiB of data reads 100 MiB.
+pub fn content_digest(path: &Path) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+
+    const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let fd = file.as_raw_fd();
+    // lseek(SEEK_DATA / SEEK_HOLE): Ok(offset), or Err(errno).
+    let seek = |whence: i32, from: u64| -> Result<u64, i32> {
+        let off = i64::try_from(from).map_err(|_| libc::EINVAL)?;
+        // SAFETY: lseek on a descriptor that `file` keeps open; no memory is passed.
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        u64::try_from(r).map_err(|_| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    };
+    while pos < len {
+        let (data, hole) = match seek(libc::SEEK_DATA, pos) {
+            Ok(d) => (d.min(len), seek(libc::SEEK_HOLE, d).unwrap_or(len).min(len)),
+            // ENXIO: only a hole from here to the end.
+            Err(libc::ENXIO) => (len, len),
+            // No SEEK_DATA support here: treat the rest as data.
+            Err(_) => (pos, len),
+        };
+        let mut zeros = data - pos;
+        while zeros > 0 {
+            let n = zeros.min(ZEROS.len() as u64) as usize;
+            h.update(&ZEROS[..n]);
+            zeros -= n as u64;
+        }
+        if data >= len {
+            break;
+        }
+        // SEEK_HOLE always finds a hole after data (at worst the virtual one at EOF).
+        let hole = hole.max(data + 1);
+        file.seek(SeekFrom::Start(data))?;
+        let mut left = hole - data;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n])?;
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        pos = hole;
+    }
+    Ok(content_hex(&h))
 }
 
 /// Makes `tmp` durable and atomically visible as `dest`: fsync the file, rename it, fsync the
@@ -262,12 +320,21 @@ mod tests {
     #[test]
     fn entry_name_is_sha1_of_id() {
         // sha1("abc") is the FIPS 180 test vector.
-        assert_eq!(entry_name("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(
+            entry_name("abc"),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
     }
 
     #[test]
     fn ids_are_validated() {
-        for ok in ["a", "0b7c6d1e-3e5f-4c3a-9a1b-2f1e0c9d8e7f", "x..y", "é", &"a".repeat(255)] {
+        for ok in [
+            "a",
+            "0b7c6d1e-3e5f-4c3a-9a1b-2f1e0c9d8e7f",
+            "x..y",
+            "é",
+            &"a".repeat(255),
+        ] {
             assert!(validate_id("image id", ok).is_ok(), "{ok:?}");
         }
         for (bad, why) in [
@@ -290,6 +357,27 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_307_045), "2026-11-22T00:24:05Z");
+    }
+
+    #[test]
+    fn content_digest_of_sparse_file_equals_digest_of_its_bytes() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let mut f = File::create(&path).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(b"data in the middle").unwrap();
+        f.set_len(8 << 20).unwrap();
+        drop(f);
+        let bytes = fs::read(&path).unwrap();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&bytes);
+        assert_eq!(content_digest(&path).unwrap(), content_hex(&h));
+        fs::write(&path, b"").unwrap();
+        assert_eq!(
+            content_digest(&path).unwrap(),
+            content_hex(&xxhash_rust::xxh3::Xxh3::new())
+        );
     }
 
     #[test]

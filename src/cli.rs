@@ -64,7 +64,12 @@ pub struct GlanceArgs {
     pub glance_url: Option<String>,
 
     /// Keystone token sent as X-Auth-Token. Never printed.
-    #[arg(long, env = "OS_AUTH_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "OS_AUTH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub token: Option<String>,
 
     /// PEM file with the CA certificate(s) that sign Glance's TLS certificate.
@@ -140,7 +145,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+            ));
+        }
     };
     n.checked_mul(secs)
         .map(Duration::from_secs)

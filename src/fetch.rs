@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sha2::digest::DynDigest;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::cache::{self, Cache, Record};
 use crate::error::Kind;
@@ -32,7 +33,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Fetch failures that are not Glance's, qemu-img's or the inspector's.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("image {id} is {status} in Glance, not active; wait until it is active or pick another image")]
+    #[error(
+        "image {id} is {status} in Glance, not active; wait until it is active or pick another image"
+    )]
     NotActive { id: String, status: String },
     #[error(
         "image {id}: size mismatch: Glance says {expected} bytes, received {got}; the download was discarded, run the command again"
@@ -51,7 +54,9 @@ pub enum Error {
         "image {id} has no checksum or os_hash in Glance, so it cannot be verified; refusing to cache it"
     )]
     NoHash { id: String },
-    #[error("image {id}: hash algorithm {algo:?} is not supported (sha256, sha384, sha512, md5 are)")]
+    #[error(
+        "image {id}: hash algorithm {algo:?} is not supported (sha256, sha384, sha512, md5 are)"
+    )]
     UnsupportedHash { id: String, algo: String },
     #[error(
         "not enough space in {dir} to convert image {id}: need about {need} bytes, {available} available; free space or use --no-force-raw"
@@ -214,13 +219,28 @@ fn build_entry(
             return Err(e);
         }
     };
-    let verified = verify(image, size, &algo, &expected, &digest)
-        .and_then(|()| inspect_and_build(cache, image, name, part, opts, rep, bar, &algo, size));
+    let verified = verify(image, size, &algo, &expected, &digest.glance).and_then(|()| {
+        inspect_and_build(
+            cache,
+            image,
+            name,
+            part,
+            opts,
+            rep,
+            bar,
+            &algo,
+            size,
+            &digest.content,
+        )
+    });
     if verified.is_err() {
         let _ = fs::remove_file(part);
     }
     let record = verified?;
-    rep.debug(&format!("image {id}: cached as {}", cache.entry_path(name).display()));
+    rep.debug(&format!(
+        "image {id}: cached as {}",
+        cache.entry_path(name).display()
+    ));
     Ok(record)
 }
 
@@ -235,6 +255,7 @@ fn inspect_and_build(
     bar: &dyn Transfer,
     algo: &str,
     size: u64,
+    content_digest: &str,
 ) -> Result<Record> {
     let id = image.id.as_str();
     bar.stage("inspecting");
@@ -250,7 +271,7 @@ fn inspect_and_build(
     ));
     let entry = cache.entry_path(name);
     let convert = opts.force_raw && report.format.qemu_name() != "raw";
-    let (final_tmp, format) = if convert {
+    let (final_tmp, format, content) = if convert {
         bar.stage("converting");
         let dst = cache.converted_path(name);
         check_space(id, cache.base_dir(), size, info.virtual_size)?;
@@ -269,9 +290,15 @@ fn inspect_and_build(
             }
             .into());
         }
-        (dst, "raw".to_owned())
+        let digest = cache::content_digest(&dst)
+            .with_context(|| format!("cannot read {}", dst.display()))?;
+        (dst, "raw".to_owned(), digest)
     } else {
-        (part.to_owned(), report.format.qemu_name().to_owned())
+        (
+            part.to_owned(),
+            report.format.qemu_name().to_owned(),
+            content_digest.to_owned(),
+        )
     };
     let entry_size = fs::metadata(&final_tmp)
         .with_context(|| format!("cannot stat {}", final_tmp.display()))?
@@ -289,6 +316,7 @@ fn inspect_and_build(
         hash_value: hash_value(image).unwrap_or_default().to_ascii_lowercase(),
         virtual_size: info.virtual_size,
         entry_size,
+        content_xxh3: content,
         fetched_at: stamp,
         fetched_at_unix: now,
         properties: image.properties(),
@@ -462,7 +490,9 @@ fn backoff(opts: &Options, attempt: u32, e: &glance::Error) -> Result<Duration, 
             return Err(glance::Error::Status {
                 url: String::new(),
                 status: 429,
-                body: format!("server asks to retry after {after:?}, longer than {MAX_RETRY_AFTER:?}"),
+                body: format!(
+                    "server asks to retry after {after:?}, longer than {MAX_RETRY_AFTER:?}"
+                ),
                 retry_after: None,
             });
         }
@@ -482,7 +512,13 @@ enum ToHasher {
 struct HashThread {
     tx: Option<mpsc::SyncSender<ToHasher>>,
     free: mpsc::Receiver<Vec<u8>>,
-    handle: Option<thread::JoinHandle<String>>,
+    handle: Option<thread::JoinHandle<Digests>>,
+}
+
+/// The digests of a download: Glance's algorithm, and the content digest the record keeps.
+struct Digests {
+    glance: String,
+    content: String,
 }
 
 impl HashThread {
@@ -493,16 +529,25 @@ impl HashThread {
         let handle = thread::Builder::new()
             .name("hash".into())
             .spawn(move || {
+                // The content digest costs ~1/20 of sha512; the record keeps it for `verify`.
+                let mut content = Xxh3::new();
                 for msg in rx {
                     match msg {
                         ToHasher::Data(buf) => {
                             hasher.update(&buf);
+                            content.update(&buf);
                             let _ = free_tx.send(buf);
                         }
-                        ToHasher::Reset => hasher.reset(),
+                        ToHasher::Reset => {
+                            hasher.reset();
+                            content.reset();
+                        }
                     }
                 }
-                hex::encode(hasher.finalize())
+                Digests {
+                    glance: hex::encode(hasher.finalize()),
+                    content: cache::content_hex(&content),
+                }
             })
             .context("cannot start the hashing thread")?;
         Ok(HashThread {
@@ -528,7 +573,7 @@ impl HashThread {
             .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))
     }
 
-    fn finish(mut self) -> Result<String> {
+    fn finish(mut self) -> Result<Digests> {
         drop(self.tx.take());
         self.handle
             .take()
@@ -602,7 +647,7 @@ fn download(
     opts: &Options,
     rep: &dyn Reporter,
     bar: &dyn Transfer,
-) -> Result<(u64, String)> {
+) -> Result<(u64, Digests)> {
     let id = image.id.as_str();
     let mut file = open_part(part)?;
     let hasher = HashThread::start(algo)?;
@@ -643,10 +688,12 @@ fn download(
                             url: part.display().to_string(),
                             detail: e.to_string(),
                         })?;
-                        hasher.send(ToHasher::Reset).map_err(|e| glance::Error::Transport {
-                            url: String::new(),
-                            detail: e.to_string(),
-                        })?;
+                        hasher
+                            .send(ToHasher::Reset)
+                            .map_err(|e| glance::Error::Transport {
+                                url: String::new(),
+                                detail: e.to_string(),
+                            })?;
                         pos = 0;
                     }
                     if image.size.is_none() {
@@ -668,8 +715,9 @@ fn download(
                 }),
             ),
             Ok(Err(PumpError::Write(e))) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("cannot write {}", part.display())));
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot write {}", part.display()))
+                );
             }
             Err(e) => (0, Some(e)),
         };
@@ -713,7 +761,7 @@ fn download_direct(
     algo: &str,
     rep: &dyn Reporter,
     bar: &dyn Transfer,
-) -> Result<(u64, String)> {
+) -> Result<(u64, Digests)> {
     rep.debug(&format!("reading {} directly", src.display()));
     let mut input =
         File::open(src).with_context(|| format!("cannot open direct_url {}", src.display()))?;
@@ -764,9 +812,9 @@ fn open_part(part: &Path) -> Result<File> {
 
 fn truncate(file: &mut File, part: &Path) -> std::io::Result<()> {
     file.set_len(0)?;
-    file.seek(SeekFrom::Start(0)).map(drop).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("{}: {e}", part.display()))
-    })
+    file.seek(SeekFrom::Start(0))
+        .map(drop)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", part.display())))
 }
 
 /// Feeds the first `len` bytes of `file` to the hasher and leaves the cursor at `len`.

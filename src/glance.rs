@@ -182,10 +182,7 @@ impl Client {
             });
         }
         // Accept an endpoint given with its version suffix too.
-        let base = base
-            .strip_suffix("/v2")
-            .map(str::to_owned)
-            .unwrap_or(base);
+        let base = base.strip_suffix("/v2").map(str::to_owned).unwrap_or(base);
         let mut builder = Http::builder()
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.read_timeout)
@@ -214,7 +211,11 @@ impl Client {
     }
 
     fn image_url(&self, id: &str) -> String {
-        format!("{}/v2/images/{}", self.base, utf8_percent_encode(id, SEGMENT))
+        format!(
+            "{}/v2/images/{}",
+            self.base,
+            utf8_percent_encode(id, SEGMENT)
+        )
     }
 
     fn get(&self, url: &str) -> reqwest::blocking::RequestBuilder {
@@ -231,10 +232,7 @@ impl Client {
     /// `GET /v2/images/{id}`, one attempt.
     pub fn show(&self, id: &str) -> Result<Image, Error> {
         let url = self.image_url(id);
-        let resp = self
-            .get(&url)
-            .send()
-            .map_err(|e| transport(&url, &e))?;
+        let resp = self.get(&url).send().map_err(|e| transport(&url, &e))?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             return Err(Error::NotFound {
@@ -259,7 +257,9 @@ impl Client {
     /// cleanly. 416 on a resume is returned as `Full` of a fresh request from 0.
     pub fn open_data(&self, id: &str, offset: u64) -> Result<Data, Error> {
         let url = format!("{}/file", self.image_url(id));
-        let mut req = self.get(&url).header(header::ACCEPT, "application/octet-stream");
+        let mut req = self
+            .get(&url)
+            .header(header::ACCEPT, "application/octet-stream");
         if offset > 0 {
             req = req.header(header::RANGE, format!("bytes={offset}-"));
         }
@@ -381,9 +381,15 @@ mod tests {
     fn content_range_parsing() {
         let mut h = HeaderMap::new();
         assert_eq!(content_range_start(&h), None);
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 100-199/200"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/200"),
+        );
         assert_eq!(content_range_start(&h), Some(100));
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */200"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes */200"),
+        );
         assert_eq!(content_range_start(&h), None);
     }
 
@@ -398,14 +404,21 @@ mod tests {
             read_timeout: Duration::from_secs(1),
         })
         .unwrap();
-        assert_eq!(c.image_url("a b?#%"), "http://h:9292/v2/images/a%20b%3F%23%25");
+        assert_eq!(
+            c.image_url("a b?#%"),
+            "http://h:9292/v2/images/a%20b%3F%23%25"
+        );
     }
 
     #[test]
     fn summarize_strips_glance_html() {
-        let body = r#"{"message": "No image found with ID x<br /><br />\n\n\n", "code": "404 Not Found"}"#;
+        let body =
+            r#"{"message": "No image found with ID x<br /><br />\n\n\n", "code": "404 Not Found"}"#;
         assert_eq!(summarize(body), "No image found with ID x");
-        assert_eq!(summarize("<html><h1>503 Service Unavailable</h1></html>"), "503 Service Unavailable");
+        assert_eq!(
+            summarize("<html><h1>503 Service Unavailable</h1></html>"),
+            "503 Service Unavailable"
+        );
     }
 
     #[test]
@@ -419,7 +432,13 @@ mod tests {
         assert!(s(503).retryable());
         assert!(s(429).retryable());
         assert!(!s(400).retryable());
-        assert!(!Error::Auth { url: String::new(), status: 401 }.retryable());
+        assert!(
+            !Error::Auth {
+                url: String::new(),
+                status: 401
+            }
+            .retryable()
+        );
         assert_eq!(Error::NoData { id: "x".into() }.kind(), Kind::NotUsable);
     }
 }

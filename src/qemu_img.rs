@@ -111,10 +111,14 @@ pub fn info(path: &Path, format: &str) -> Result<Info, Error> {
 /// Runs `qemu-img convert -t <cache> -f <from> -O raw <src> <dst>`.
 pub fn convert_to_raw(src: &Path, from: &str, dst: &Path, direct_io: bool) -> Result<(), Error> {
     let mut cmd = Command::new(binary());
-    cmd.args(["convert", "-t", if direct_io { "none" } else { "writeback" }])
-        .args(["-f", from, "-O", "raw"])
-        .arg(src)
-        .arg(dst);
+    cmd.args([
+        "convert",
+        "-t",
+        if direct_io { "none" } else { "writeback" },
+    ])
+    .args(["-f", from, "-O", "raw"])
+    .arg(src)
+    .arg(dst);
     run(cmd, "convert", src).map(drop)
 }
 

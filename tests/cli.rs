@@ -5,7 +5,12 @@ use crate::support::{Cache, imgcache, run};
 #[test]
 fn bad_image_ids_are_usage_errors_naming_the_id() {
     let cache = Cache::new();
-    for (id, why) in [("..", "'.'"), ("a/b", "'/'"), ("x\u{7}y", "control"), ("", "empty")] {
+    for (id, why) in [
+        ("..", "'.'"),
+        ("a/b", "'/'"),
+        ("x\u{7}y", "control"),
+        ("", "empty"),
+    ] {
         let r = run(cache.fetch("http://127.0.0.1:9").arg(id));
         r.assert_code(2);
         assert!(r.stderr.contains("invalid image id"), "{}", r.stderr);
@@ -26,13 +31,11 @@ fn unknown_flag_is_a_usage_error() {
 #[test]
 fn missing_endpoint_says_how_to_set_it() {
     let cache = Cache::new();
-    let r = run(
-        imgcache()
-            .arg("fetch")
-            .arg("--instances-path")
-            .arg(cache.instances())
-            .arg("some-id"),
-    );
+    let r = run(imgcache()
+        .arg("fetch")
+        .arg("--instances-path")
+        .arg(cache.instances())
+        .arg("some-id"));
     r.assert_code(2);
     assert!(r.stderr.contains("OS_IMAGE_URL"), "{}", r.stderr);
 }
@@ -54,11 +57,9 @@ fn unreachable_endpoint_is_unavailable_after_retries() {
         .unwrap()
         .port();
     let cache = Cache::new();
-    let r = run(
-        cache
-            .fetch(&format!("http://127.0.0.1:{port}"))
-            .args(["--retries", "1", "img"]),
-    );
+    let r = run(cache
+        .fetch(&format!("http://127.0.0.1:{port}"))
+        .args(["--retries", "1", "img"]));
     r.assert_code(7);
     assert!(r.stderr.contains("cannot reach Glance"), "{}", r.stderr);
     assert!(r.stderr.contains("retry 1/1"), "{}", r.stderr);
@@ -69,7 +70,11 @@ fn unreachable_endpoint_is_unavailable_after_retries() {
 fn help_documents_exit_codes() {
     let r = run(imgcache().args(["fetch", "--help"]));
     r.assert_code(0);
-    for needle in ["Exit codes:", "8   timed out waiting for a cache lock", "--lock-timeout"] {
+    for needle in [
+        "Exit codes:",
+        "8   timed out waiting for a cache lock",
+        "--lock-timeout",
+    ] {
         assert!(r.stdout.contains(needle), "{needle}: {}", r.stdout);
     }
 }
@@ -82,13 +87,13 @@ fn token_is_never_printed() {
         .unwrap()
         .port();
     let cache = Cache::new();
-    let r = run(
-        cache
-            .fetch(&format!("http://127.0.0.1:{port}"))
-            .env("OS_AUTH_TOKEN", "s3cr3t-token-value")
-            .args(["--retries", "0", "-v", "img"]),
-    );
+    let r = run(cache
+        .fetch(&format!("http://127.0.0.1:{port}"))
+        .env("OS_AUTH_TOKEN", "s3cr3t-token-value")
+        .args(["--retries", "0", "-v", "img"]));
     assert!(!r.stderr.contains("s3cr3t"), "{}", r.stderr);
-    let h = run(imgcache().args(["fetch", "--help"]).env("OS_AUTH_TOKEN", "s3cr3t-token-value"));
+    let h = run(imgcache()
+        .args(["fetch", "--help"])
+        .env("OS_AUTH_TOKEN", "s3cr3t-token-value"));
     assert!(!h.stdout.contains("s3cr3t"), "{}", h.stdout);
 }

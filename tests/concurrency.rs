@@ -31,7 +31,12 @@ fn eight_processes_fetching_one_image_download_it_once() {
     let expected = format!("img-herd {}\n", path.display());
     let mut waited = 0;
     for o in &outs {
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&o.stdout), expected);
         if String::from_utf8_lossy(&o.stderr).contains("waiting for the lock") {
             waited += 1;
@@ -53,13 +58,18 @@ fn lock_timeout_has_its_own_exit_code() {
     let lock_path = locks.join(format!("imgcache-{}", entry_name("img-busy")));
     let holder = std::fs::File::create(&lock_path).unwrap();
     fs2::FileExt::lock_exclusive(&holder).unwrap();
-    let r = crate::support::run(
-        cache
-            .fetch(&srv.url)
-            .args(["--lock-timeout", "300ms", "img-busy"]),
-    );
+    let r =
+        crate::support::run(
+            cache
+                .fetch(&srv.url)
+                .args(["--lock-timeout", "300ms", "img-busy"]),
+        );
     r.assert_code(8);
-    assert!(r.stderr.contains("waiting for the lock on image img-busy"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("waiting for the lock on image img-busy"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("--lock-timeout"), "{}", r.stderr);
     assert!(srv.file_requests().is_empty());
 }

@@ -18,7 +18,10 @@ fn fetch_ok(cache: &Cache, srv: &FaultServer, id: &str, data: &[u8], extra: &[&s
     let name = entry_name(id);
     let path = cache.base().join(&name);
     assert_eq!(r.stdout, format!("{id} {}\n", path.display()));
-    assert!(std::fs::read(&path).unwrap() == data, "entry differs from the image");
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "entry differs from the image"
+    );
     cache.assert_clean_or_complete(Some(&name));
     r.stderr
 }
@@ -30,7 +33,10 @@ fn retries_after_503_then_succeeds() {
     let cache = Cache::new();
     fetch_ok(&cache, &srv, "img-503", &data, &[]);
     let reqs = srv.file_requests();
-    assert_eq!(reqs.iter().map(|r| r.status).collect::<Vec<_>>(), [503, 502, 200]);
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [503, 502, 200]
+    );
 }
 
 #[test]
@@ -55,7 +61,10 @@ fn connection_reset_mid_body_resumes_with_range() {
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     let cut = reqs[0].body_bytes;
     assert_eq!(cut, MIB as u64 + 12345);
-    assert_eq!(reqs[1].range.as_deref(), Some(format!("bytes={cut}-").as_str()));
+    assert_eq!(
+        reqs[1].range.as_deref(),
+        Some(format!("bytes={cut}-").as_str())
+    );
     assert_eq!(reqs[1].status, 206);
     // Only the missing tail was sent again, not the whole image.
     assert_eq!(reqs[1].body_bytes, data.len() as u64 - cut);
@@ -192,7 +201,10 @@ fn sigkill_mid_download_then_rerun_resumes_and_verifies() {
     assert!(stderr.contains("resuming"), "{stderr}");
     let reqs = srv.file_requests();
     let last = reqs.last().unwrap();
-    assert_eq!(last.range.as_deref(), Some(format!("bytes={kept}-").as_str()));
+    assert_eq!(
+        last.range.as_deref(),
+        Some(format!("bytes={kept}-").as_str())
+    );
     assert_eq!(last.body_bytes, data.len() as u64 - kept);
 }
 

@@ -2,7 +2,9 @@
 //! a format mismatch Glance itself accepts, direct_url, several ids at once.
 
 use crate::support::glance::real;
-use crate::support::{Cache, entry_name, make_qcow2, qemu_img, run, sha512_hex, test_bytes};
+use crate::support::{
+    Cache, entry_name, make_qcow2, qemu_img, record, run, sha512_hex, test_bytes, xxh3_hex,
+};
 
 #[test]
 fn raw_image_is_fetched_verified_and_recorded() {
@@ -22,10 +24,9 @@ fn raw_image_is_fetched_verified_and_recorded() {
     assert!(std::fs::read(&path).unwrap() == data);
     cache.assert_clean_or_complete(Some(&name));
 
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cache.base().join(format!("{name}.info"))).unwrap())
-            .unwrap();
+    let record = record(&cache, &id);
     assert_eq!(record["image_id"], id.as_str());
+    assert_eq!(record["content_xxh3"], xxh3_hex(&data));
     assert_eq!(record["name"], "raw-image");
     assert_eq!(record["hash_algo"], "sha512");
     assert_eq!(record["hash_value"], sha512_hex(&data));
@@ -61,16 +62,40 @@ fn qcow2_image_is_converted_to_the_same_raw_qemu_img_gives() {
     // What `qemu-img convert` of the original gives, compared by qemu-img and by bytes.
     let expected = tmp.path().join("expected.raw");
     qemu_img(&[
-        "convert", "-f", "qcow2", "-O", "raw",
-        qcow.to_str().unwrap(), expected.to_str().unwrap(),
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        qcow.to_str().unwrap(),
+        expected.to_str().unwrap(),
     ]);
     qemu_img(&[
-        "compare", "-f", "raw", "-F", "raw",
-        path.to_str().unwrap(), expected.to_str().unwrap(),
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        expected.to_str().unwrap(),
     ]);
     assert!(std::fs::read(&path).unwrap() == raw);
+    let rec = record(&cache, &id);
+    assert_eq!(
+        rec["content_xxh3"],
+        xxh3_hex(&raw),
+        "digest of the converted entry"
+    );
+    assert_eq!(
+        rec["hash_value"],
+        sha512_hex(&std::fs::read(&qcow).unwrap())
+    );
     let info: serde_json::Value = serde_json::from_slice(&qemu_img(&[
-        "info", "--output=json", "-f", "raw", path.to_str().unwrap(),
+        "info",
+        "--output=json",
+        "-f",
+        "raw",
+        path.to_str().unwrap(),
     ]))
     .unwrap();
     assert_eq!(info["virtual-size"], raw.len() as u64);
@@ -93,7 +118,9 @@ fn no_force_raw_keeps_the_qcow2_as_uploaded() {
 fn unknown_id_is_not_found() {
     let g = real();
     let cache = Cache::new();
-    let r = run(cache.fetch(&g.url).arg("00000000-0000-0000-0000-000000000000"));
+    let r = run(cache
+        .fetch(&g.url)
+        .arg("00000000-0000-0000-0000-000000000000"));
     r.assert_code(3);
     assert!(r.stderr.contains("not found"), "{}", r.stderr);
     assert_eq!(r.stdout, "");
@@ -137,11 +164,9 @@ fn several_ids_succeed_or_fail_on_their_own() {
     }
     let missing = "11111111-2222-3333-4444-555555555555".to_owned();
     let cache = Cache::new();
-    let r = run(
-        cache
-            .fetch(&g.url)
-            .args(["--jobs", "2", &ids[0], &missing, &ids[1], &ids[2]]),
-    );
+    let r = run(cache
+        .fetch(&g.url)
+        .args(["--jobs", "2", &ids[0], &missing, &ids[1], &ids[2]]));
     r.assert_code(3);
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", r.stdout);
@@ -159,8 +184,14 @@ fn direct_url_file_is_read_when_allowed() {
     let f = tmp.path().join("direct.raw");
     std::fs::write(&f, &data).unwrap();
     let id = g.upload("direct", "raw", &f);
-    let direct = g.show(&id)["direct_url"].as_str().unwrap_or_default().to_owned();
-    assert!(direct.starts_with("file://"), "Glance should show direct_url: {direct}");
+    let direct = g.show(&id)["direct_url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        direct.starts_with("file://"),
+        "Glance should show direct_url: {direct}"
+    );
     let cache = Cache::new();
     let r = run(cache.fetch(&g.url).args(["--allow-direct-file", "-v", &id]));
     r.assert_code(0);
@@ -190,7 +221,12 @@ fn eight_processes_against_real_glance_share_one_entry() {
     let expected = format!("{id} {}\n", cache.base().join(entry_name(&id)).display());
     for c in children {
         let o = c.wait_with_output().unwrap();
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&o.stdout), expected);
     }
     cache.assert_clean_or_complete(Some(&entry_name(&id)));

@@ -71,11 +71,16 @@ pub fn run(global: &Global, args: FetchArgs, rep: &dyn Reporter) -> Result<Outco
 
 /// Builds Glance settings from the flags; the endpoint is required.
 pub fn glance_settings(args: &GlanceArgs) -> Result<glance::Settings, UsageError> {
-    let url = args.glance_url.clone().filter(|u| !u.is_empty()).ok_or_else(|| {
-        UsageError(
-            "no Glance endpoint: pass --glance-url http://controller:9292 or set OS_IMAGE_URL".into(),
-        )
-    })?;
+    let url = args
+        .glance_url
+        .clone()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            UsageError(
+                "no Glance endpoint: pass --glance-url http://controller:9292 or set OS_IMAGE_URL"
+                    .into(),
+            )
+        })?;
     Ok(glance::Settings {
         url,
         token: args.token.clone().filter(|t| !t.is_empty()),

@@ -294,10 +294,16 @@ mod tests {
     fn qed_and_luks_are_banned() {
         let mut qed = b"QED\0".to_vec();
         qed.resize(1024, 0);
-        assert!(matches!(inspect_bytes(&qed), Err(Error::Banned { format: "qed", .. })));
+        assert!(matches!(
+            inspect_bytes(&qed),
+            Err(Error::Banned { format: "qed", .. })
+        ));
         let mut luks = b"LUKS\xba\xbe\0\x01".to_vec();
         luks.resize(1024, 0);
-        assert!(matches!(inspect_bytes(&luks), Err(Error::Banned { format: "luks", .. })));
+        assert!(matches!(
+            inspect_bytes(&luks),
+            Err(Error::Banned { format: "luks", .. })
+        ));
     }
 
     #[test]

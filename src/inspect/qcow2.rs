@@ -239,7 +239,13 @@ mod tests {
 
     #[test]
     fn truncated_header_is_refused() {
-        assert_eq!(err(&header()[..90]), Error::Truncated { have: 90, need: 104 });
+        assert_eq!(
+            err(&header()[..90]),
+            Error::Truncated {
+                have: 90,
+                need: 104
+            }
+        );
         assert!(matches!(err(&header()[..6]), Error::Truncated { .. }));
     }
 

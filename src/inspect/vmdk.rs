@@ -21,7 +21,9 @@ const GD_AT_END: u64 = u64::MAX;
 pub enum Error {
     #[error("sparse header truncated at offset {have} (need 64 bytes)")]
     Truncated { have: u64 },
-    #[error("a bare text descriptor (no embedded data) is refused: its extents live in other files")]
+    #[error(
+        "a bare text descriptor (no embedded data) is refused: its extents live in other files"
+    )]
     TextDescriptor,
     #[error("descriptor at offset {offset} with {size} bytes is outside the file or over 1 MiB")]
     DescriptorBounds { offset: u64, size: u64 },
@@ -56,7 +58,11 @@ pub fn check(src: &Source<'_>) -> Result<Vmdk, super::Error> {
     if !head.starts_with(SPARSE_MAGIC) {
         return Err(Error::TextDescriptor.into());
     }
-    let field = |off| le64(&head, off).ok_or(Error::Truncated { have: head.len() as u64 });
+    let field = |off| {
+        le64(&head, off).ok_or(Error::Truncated {
+            have: head.len() as u64,
+        })
+    };
     let capacity = field(12)?;
     let desc_offset = field(28)?;
     let desc_size = field(36)?;
@@ -80,7 +86,10 @@ pub fn check(src: &Source<'_>) -> Result<Vmdk, super::Error> {
     let create_type = check_descriptor(&text)?;
     if gd_offset == GD_AT_END {
         // streamOptimized: the real header is a footer 1 KiB before the end-of-stream marker.
-        let footer_at = src.len().checked_sub(1024).ok_or(Error::Footer { offset: 0 })?;
+        let footer_at = src
+            .len()
+            .checked_sub(1024)
+            .ok_or(Error::Footer { offset: 0 })?;
         let footer = src.read(footer_at, 64)?;
         if !footer.starts_with(SPARSE_MAGIC) || le64(&footer, 12) != Some(capacity) {
             return Err(Error::Footer { offset: footer_at }.into());
@@ -97,7 +106,11 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
     // The descriptor area is NUL-padded after the text.
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     let text = std::str::from_utf8(&bytes[..end]).map_err(|e| Error::NotText {
-        line: bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1,
+        line: bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1,
     })?;
     let mut create_type = None;
     let mut extents = 0;
@@ -184,7 +197,10 @@ mod tests {
 
     #[test]
     fn good_descriptor() {
-        assert_eq!(check_descriptor(GOOD.as_bytes()).unwrap(), "monolithicSparse");
+        assert_eq!(
+            check_descriptor(GOOD.as_bytes()).unwrap(),
+            "monolithicSparse"
+        );
     }
 
     #[test]
@@ -217,9 +233,15 @@ mod tests {
     #[test]
     fn grammar_and_parents() {
         let d = GOOD.replace("version=1", "this is not vmdk");
-        assert!(matches!(check_descriptor(d.as_bytes()), Err(Error::Grammar { line: 2, .. })));
+        assert!(matches!(
+            check_descriptor(d.as_bytes()),
+            Err(Error::Grammar { line: 2, .. })
+        ));
         let d = GOOD.replace("parentCID=ffffffff", "parentCID=1234abcd");
-        assert!(matches!(check_descriptor(d.as_bytes()), Err(Error::Parent { .. })));
+        assert!(matches!(
+            check_descriptor(d.as_bytes()),
+            Err(Error::Parent { .. })
+        ));
         let d = GOOD.replace("RW 2048 SPARSE \"disk.vmdk\"", "");
         assert_eq!(check_descriptor(d.as_bytes()).unwrap_err(), Error::NoExtent);
     }

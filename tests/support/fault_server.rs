@@ -167,7 +167,14 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
     let record_path = format!("/v2/images/{}", image.id);
     let (status, sent) = if path == record_path {
         let body = record_json(&image);
-        respond(&mut out, 200, &[("Content-Type", "application/json".into())], body.as_bytes(), None, None)?
+        respond(
+            &mut out,
+            200,
+            &[("Content-Type", "application/json".into())],
+            body.as_bytes(),
+            None,
+            None,
+        )?
     } else if path == format!("{record_path}/file") {
         serve_file(&mut out, &image, range.as_deref(), action, pace)?
     } else {
@@ -194,7 +201,14 @@ fn serve_file(
     match action {
         Action::Status(code) => return respond(out, code, &[], b"", None, None),
         Action::TooMany(secs) => {
-            return respond(out, 429, &[("Retry-After", secs.to_string())], b"", None, None);
+            return respond(
+                out,
+                429,
+                &[("Retry-After", secs.to_string())],
+                b"",
+                None,
+                None,
+            );
         }
         Action::NoContent => return respond(out, 204, &[], b"", None, None),
         _ => {}
@@ -209,7 +223,10 @@ fn serve_file(
     let body = &image.data[from as usize..];
     let mut headers = vec![("Content-Type", "application/octet-stream".to_owned())];
     if code == 206 {
-        headers.push(("Content-Range", format!("bytes {from}-{}/{total}", total - 1)));
+        headers.push((
+            "Content-Range",
+            format!("bytes {from}-{}/{total}", total - 1),
+        ));
     }
     let (limit, stall) = match action {
         Action::CutAfter(n) => (Some(n), None),

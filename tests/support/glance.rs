@@ -76,7 +76,8 @@ impl RealGlance {
             .send()
             .expect("create image");
         assert_eq!(resp.status().as_u16(), 201, "create: {:?}", resp.text());
-        let v: serde_json::Value = serde_json::from_slice(&resp.bytes().expect("body")).expect("json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&resp.bytes().expect("body")).expect("json");
         v["id"].as_str().expect("id").to_owned()
     }
 

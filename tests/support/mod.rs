@@ -120,6 +120,17 @@ pub fn sha512_hex(data: &[u8]) -> String {
     hex::encode(Sha512::digest(data))
 }
 
+/// Hex XXH3-128, the content digest the cache record keeps.
+pub fn xxh3_hex(data: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(data))
+}
+
+/// The JSON record beside an entry.
+pub fn record(cache: &Cache, id: &str) -> serde_json::Value {
+    let path = cache.base().join(format!("{}.info", entry_name(id)));
+    serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("record json")
+}
+
 /// Hex MD5.
 pub fn md5_hex(data: &[u8]) -> String {
     hex::encode(md5::Md5::digest(data))
@@ -144,7 +155,10 @@ pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Runs qemu-img, panicking with its stderr on failure.
 pub fn qemu_img(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
     assert!(
         out.status.success(),
         "qemu-img {args:?}: {}",
