@@ -223,7 +223,7 @@ pub fn content_digest(path: &Path) -> std::io::Result<String> {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::fd::AsRawFd;
 
-    const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut h = xxhash_rust::xxh3::Xxh3::new();
