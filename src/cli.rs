@@ -54,6 +54,15 @@ pub enum Command {
     /// Prints `<id> <absolute base path>` per image on stdout (or JSON with --json).
     #[command(after_help = EXIT_CODES_HELP)]
     Fetch(FetchArgs),
+    /// Give an instance its disks: root disk from a cached base (fetched first if needed),
+    /// kernel/ramdisk, ephemeral and swap disks, disk.info.
+    ///
+    /// Prints the path of each disk on stdout (or JSON with --json).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Create(CreateArgs),
+    /// Remove an instance directory, so the bases it used become prunable.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Delete(DeleteArgs),
 }
 
 /// How to reach Glance.
@@ -99,6 +108,23 @@ pub struct GlanceArgs {
     pub retry_backoff: Duration,
 }
 
+/// How images get into the cache (shared by `fetch` and `create`).
+#[derive(Debug, Args, Clone)]
+pub struct FetchOpts {
+    /// How long to wait for another process working on the same image (0 = do not wait).
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: Duration,
+
+    /// Keep non-raw images (qcow2, vmdk, ...) as they are instead of converting to raw.
+    #[arg(long)]
+    pub no_force_raw: bool,
+
+    /// Read `file://` direct_url locations directly (a Glance file store mounted on this host);
+    /// the data is verified the same way. Needs Glance's show_image_direct_url.
+    #[arg(long, env = "IMGCACHE_ALLOW_DIRECT_FILE")]
+    pub allow_direct_file: bool,
+}
+
 /// `imgcache fetch`.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
@@ -109,26 +135,93 @@ pub struct FetchArgs {
     #[command(flatten)]
     pub glance: GlanceArgs,
 
-    /// How long to wait for another process working on the same image (0 = do not wait).
-    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
-    pub lock_timeout: Duration,
+    #[command(flatten)]
+    pub fetch: FetchOpts,
 
     /// Images fetched at the same time.
     #[arg(short, long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64), value_name = "N")]
     pub jobs: u16,
 
-    /// Keep non-raw images (qcow2, vmdk, ...) as they are instead of converting to raw.
+    /// One JSON document on stdout instead of lines.
     #[arg(long)]
-    pub no_force_raw: bool,
+    pub json: bool,
+}
 
-    /// Read `file://` direct_url locations directly (a Glance file store mounted on this host);
-    /// the data is verified the same way. Needs Glance's show_image_direct_url.
-    #[arg(long, env = "IMGCACHE_ALLOW_DIRECT_FILE")]
-    pub allow_direct_file: bool,
+/// Instance disk formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// A full copy of the base (reflink or sparse copy), extended (Nova's Flat).
+    Raw,
+    /// A qcow2 overlay backed by the base (Nova's use_cow_images, the default).
+    Qcow2,
+}
+
+/// `imgcache create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Instance directory name under the instances path (usually the instance UUID).
+    #[arg(value_name = "INSTANCE")]
+    pub instance: String,
+
+    /// Glance image id of the root disk.
+    #[arg(long, value_name = "ID")]
+    pub image: String,
+
+    /// Root disk size (flavor root_gb), e.g. 20G; 0 or absent = the image's virtual size.
+    /// Never smaller than the image.
+    #[arg(long, default_value = "0", value_name = "SIZE")]
+    pub size: String,
+
+    /// Disk format of the instance disks.
+    #[arg(long, value_enum, default_value_t = Backend::Qcow2)]
+    pub backend: Backend,
+
+    /// Ephemeral disk (disk.local) size in whole GiB, e.g. 10G (flavor ephemeral_gb).
+    #[arg(long, value_name = "SIZE")]
+    pub ephemeral: Option<String>,
+
+    /// Filesystem of the ephemeral disk.
+    #[arg(long, value_enum, default_value_t = crate::templates::Fs::Ext4)]
+    pub ephemeral_fs: crate::templates::Fs,
+
+    /// Swap disk (disk.swap) size in whole MiB, e.g. 512M (flavor swap).
+    #[arg(long, value_name = "SIZE")]
+    pub swap: Option<String>,
+
+    /// Allocate the disks' full size now (fallocate), where the filesystem supports it.
+    #[arg(long)]
+    pub preallocate: bool,
+
+    /// Replace existing disks that do not match the request.
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub glance: GlanceArgs,
+
+    #[command(flatten)]
+    pub fetch: FetchOpts,
 
     /// One JSON document on stdout instead of lines.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `imgcache delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Instance directory name under the instances path.
+    #[arg(value_name = "INSTANCE")]
+    pub instance: String,
+
+    /// Delete even a directory that does not look like an instance (no disk, disk.info or
+    /// imgcache.json in it).
+    #[arg(long)]
+    pub force: bool,
+
+    /// How long to wait for a `create` working on the same instance.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: Duration,
 }
 
 /// Parses `90`, `90s`, `500ms`, `10m`, `2h`, `1d`.

@@ -27,8 +27,10 @@ pub enum Kind {
     NoSpace,
     /// Glance refused the credentials (401/403).
     Auth,
-    /// An external tool (qemu-img) is missing or failed.
+    /// An external tool (qemu-img, mkfs) is missing or failed.
     Tool,
+    /// An instance disk already exists and differs from the request (see `--force`).
+    Conflict,
 }
 
 impl Kind {
@@ -46,6 +48,7 @@ impl Kind {
             Kind::NoSpace => 9,
             Kind::Auth => 10,
             Kind::Tool => 11,
+            Kind::Conflict => 12,
         }
     }
 
@@ -63,6 +66,7 @@ impl Kind {
             Kind::NoSpace => "no-space",
             Kind::Auth => "auth",
             Kind::Tool => "tool",
+            Kind::Conflict => "conflict",
         }
     }
 }
@@ -81,7 +85,8 @@ Exit codes:
   8   timed out waiting for a cache lock (--lock-timeout)
   9   no space left in the cache filesystem
   10  Glance refused the credentials (401/403)
-  11  qemu-img missing or failed
+  11  qemu-img (or mkfs/mkswap) missing or failed
+  12  an instance disk exists and differs from the request (use --force)
 With several image ids, the exit code is that of the first failed id in command-line order.";
 
 /// A usage error raised after argument parsing (for example an invalid image id).
@@ -123,6 +128,12 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
         return Some(e.kind());
     }
     if let Some(e) = cause.downcast_ref::<crate::fetch::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<crate::templates::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = cause.downcast_ref::<crate::commands::create::Error>() {
         return Some(e.kind());
     }
     if let Some(e) = cause.downcast_ref::<std::io::Error>()

@@ -3,13 +3,17 @@
 pub mod cache;
 pub mod cli;
 pub mod commands;
+pub mod disk;
 pub mod error;
 pub mod fetch;
 pub mod glance;
 pub mod inspect;
+pub mod instance;
 pub mod lock;
 pub mod progress;
 pub mod qemu_img;
+pub mod size;
+pub mod templates;
 
 use anyhow::Result;
 
@@ -27,5 +31,7 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
     let reporter = progress::Terminal::new(cli.global.quiet, cli.global.verbose);
     match cli.command {
         cli::Command::Fetch(args) => commands::fetch::run(&cli.global, args, &reporter),
+        cli::Command::Create(args) => commands::create::run(&cli.global, args, &reporter),
+        cli::Command::Delete(args) => commands::delete::run(&cli.global, args, &reporter),
     }
 }

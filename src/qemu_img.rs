@@ -122,6 +122,18 @@ pub fn convert_to_raw(src: &Path, from: &str, dst: &Path, direct_io: bool) -> Re
     run(cmd, "convert", src).map(drop)
 }
 
+/// Runs `qemu-img create -f qcow2 -b <base> -F <base_format> <dst> <size>`. `base` must be
+/// absolute so the overlay does not depend on the working directory.
+pub fn create_overlay(dst: &Path, base: &Path, base_format: &str, size: u64) -> Result<(), Error> {
+    let mut cmd = Command::new(binary());
+    cmd.args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(base)
+        .args(["-F", base_format])
+        .arg(dst)
+        .arg(size.to_string());
+    run(cmd, "create", dst).map(drop)
+}
+
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
     let lim = libc::rlimit {
         rlim_cur: value,

@@ -5,5 +5,6 @@ mod support;
 
 mod cli;
 mod concurrency;
+mod create;
 mod fetch_faults;
 mod fetch_real;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::Outcome;
 use crate::cache::{self, Cache};
-use crate::cli::{FetchArgs, GlanceArgs, Global};
+use crate::cli::{FetchArgs, FetchOpts, GlanceArgs, Global};
 use crate::error::{self, UsageError};
 use crate::fetch::{self, Fetched};
 use crate::glance;
@@ -24,13 +24,7 @@ pub fn run(global: &Global, args: FetchArgs, rep: &dyn Reporter) -> Result<Outco
     }
     let cache = Cache::new(&global.instances_path, &global.base_dir_name)?;
     let client = glance::Client::new(&glance_settings(&args.glance)?)?;
-    let opts = fetch::Options {
-        lock_timeout: args.lock_timeout,
-        retries: args.glance.retries,
-        retry_backoff: args.glance.retry_backoff,
-        force_raw: !args.no_force_raw,
-        allow_direct_file: args.allow_direct_file,
-    };
+    let opts = fetch_options(&args.glance, &args.fetch);
     let results = fetch_all(&cache, &client, &args.ids, &opts, args.jobs.into(), rep);
 
     let mut first_failure = None;
@@ -67,6 +61,17 @@ pub fn run(global: &Global, args: FetchArgs, rep: &dyn Reporter) -> Result<Outco
         None => Outcome::Success,
         Some(code) => Outcome::Partial(code),
     })
+}
+
+/// Fetch settings from the flags.
+pub fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> fetch::Options {
+    fetch::Options {
+        lock_timeout: f.lock_timeout,
+        retries: glance.retries,
+        retry_backoff: glance.retry_backoff,
+        force_raw: !f.no_force_raw,
+        allow_direct_file: f.allow_direct_file,
+    }
 }
 
 /// Builds Glance settings from the flags; the endpoint is required.
@@ -127,7 +132,8 @@ fn fetch_all(
         .collect()
 }
 
-fn one_line(e: &anyhow::Error) -> String {
+/// The error chain on one line: `outer: inner: innermost`.
+pub fn one_line(e: &anyhow::Error) -> String {
     e.chain()
         .map(|c| c.to_string())
         .collect::<Vec<_>>()

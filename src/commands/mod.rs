@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub mod create;
+pub mod delete;
 pub mod fetch;

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// The shared real Glance.
@@ -14,6 +14,7 @@ pub struct RealGlance {
 }
 
 static GLANCE: OnceLock<RealGlance> = OnceLock::new();
+static UPLOADS: Mutex<()> = Mutex::new(());
 
 fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance")
@@ -62,17 +63,23 @@ impl RealGlance {
 
     /// Creates an image record (status `queued`) and returns its id.
     pub fn create(&self, name: &str, disk_format: &str) -> String {
+        self.create_with(name, disk_format, &[])
+    }
+
+    /// Creates an image record with extra properties (kernel_id, ...).
+    pub fn create_with(&self, name: &str, disk_format: &str, props: &[(&str, &str)]) -> String {
+        let mut body = serde_json::json!({
+            "name": name,
+            "disk_format": disk_format,
+            "container_format": if disk_format == "aki" || disk_format == "ari" { disk_format } else { "bare" },
+        });
+        for (k, v) in props {
+            body[*k] = serde_json::json!(v);
+        }
         let resp = Self::http()
             .post(format!("{}/v2/images", self.url))
             .header("Content-Type", "application/json")
-            .body(
-                serde_json::json!({
-                    "name": name,
-                    "disk_format": disk_format,
-                    "container_format": "bare",
-                })
-                .to_string(),
-            )
+            .body(body.to_string())
             .send()
             .expect("create image");
         assert_eq!(resp.status().as_u16(), 201, "create: {:?}", resp.text());
@@ -83,7 +90,21 @@ impl RealGlance {
 
     /// Creates an image and uploads `file` into it; returns the id once it is active.
     pub fn upload(&self, name: &str, disk_format: &str, file: &Path) -> String {
-        let id = self.create(name, disk_format);
+        self.upload_with(name, disk_format, file, &[])
+    }
+
+    /// Like [`upload`](Self::upload), with extra image properties.
+    pub fn upload_with(
+        &self,
+        name: &str,
+        disk_format: &str,
+        file: &Path,
+        props: &[(&str, &str)],
+    ) -> String {
+        // Glance on sqlite fails concurrent uploads now and then (500, "database is locked"):
+        // tests upload one at a time.
+        let _one_at_a_time = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.create_with(name, disk_format, props);
         let resp = Self::http()
             .put(format!("{}/v2/images/{id}/file", self.url))
             .header("Content-Type", "application/octet-stream")

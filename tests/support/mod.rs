@@ -85,9 +85,27 @@ impl Cache {
         cmd
     }
 
-    /// Names of the files in `_base`, sorted.
-    pub fn base_files(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.base())
+    /// `imgcache create INSTANCE --image ID` against `url`.
+    pub fn create(&self, url: &str, instance: &str, image: &str) -> Command {
+        let mut cmd = imgcache();
+        cmd.arg("create")
+            .arg("--instances-path")
+            .arg(self.instances())
+            .args([
+                "--glance-url",
+                url,
+                "--retry-backoff",
+                "50ms",
+                instance,
+                "--image",
+                image,
+            ]);
+        cmd
+    }
+
+    /// Names of the files in `dir`, sorted (empty if it does not exist).
+    pub fn files_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -96,6 +114,11 @@ impl Cache {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// Names of the files in `_base`, sorted.
+    pub fn base_files(&self) -> Vec<String> {
+        Self::files_in(&self.base())
     }
 
     /// Asserts `_base` holds exactly `entry` and its record, or nothing at all if `None`.
@@ -151,6 +174,18 @@ pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
     let (a, b) = (len / 3, len / 2);
     v[a..b].fill(0);
     v
+}
+
+/// `qemu-img info --output=json -f <fmt> <path>` as JSON.
+pub fn qemu_info(path: &Path, fmt: &str) -> serde_json::Value {
+    let out = qemu_img(&[
+        "info",
+        "--output=json",
+        "-f",
+        fmt,
+        path.to_str().expect("utf8"),
+    ]);
+    serde_json::from_slice(&out).expect("qemu-img json")
 }
 
 /// Runs qemu-img, panicking with its stderr on failure.

@@ -1,0 +1,246 @@
+//! Ephemeral and swap templates in `_base`, built once under their own lock: a sparse file
+//! formatted with mkfs (`ephemeral_<GiB>_<7 hex of the mkfs command>`) or mkswap (`swap_<MiB>`),
+//! as Nova names them. Instance disks are then copied or overlaid from the template.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sha1::{Digest, Sha1};
+
+use crate::cache::{self, Cache};
+use crate::error::Kind;
+use crate::progress::Reporter;
+
+/// Label of ephemeral filesystems, as Nova's `_get_fs_label`.
+pub const EPHEMERAL_LABEL: &str = "ephemeral0";
+
+/// Filesystems an ephemeral disk can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fs {
+    Ext2,
+    Ext3,
+    Ext4,
+    Xfs,
+    Vfat,
+}
+
+impl Fs {
+    fn name(self) -> &'static str {
+        match self {
+            Fs::Ext2 => "ext2",
+            Fs::Ext3 => "ext3",
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+            Fs::Vfat => "vfat",
+        }
+    }
+
+    /// mkfs options, as in Nova's default mkfs commands.
+    fn options(self) -> &'static [&'static str] {
+        match self {
+            Fs::Ext2 | Fs::Ext3 | Fs::Ext4 => &["-F", "-L", EPHEMERAL_LABEL],
+            Fs::Xfs => &["-f", "-L", EPHEMERAL_LABEL],
+            Fs::Vfat => &["-n", EPHEMERAL_LABEL],
+        }
+    }
+
+    fn package(self) -> &'static str {
+        match self {
+            Fs::Ext2 | Fs::Ext3 | Fs::Ext4 => "e2fsprogs",
+            Fs::Xfs => "xfsprogs",
+            Fs::Vfat => "dosfstools",
+        }
+    }
+
+    /// The command line the template name hashes: `mkfs -t <fs> <options>`.
+    pub fn command(self) -> String {
+        format!("mkfs -t {} {}", self.name(), self.options().join(" "))
+    }
+}
+
+/// Template failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{tool} not found; install it: apt-get install {package}")]
+    Missing { tool: String, package: String },
+    #[error("{tool} failed on {path} ({status}): {stderr}")]
+    Failed {
+        tool: String,
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
+}
+
+impl Error {
+    /// The exit-code kind of this error.
+    pub fn kind(&self) -> Kind {
+        Kind::Tool
+    }
+}
+
+/// Entry name of an ephemeral template.
+pub fn ephemeral_name(gib: u64, fs: Fs) -> String {
+    let hash = hex::encode(Sha1::digest(fs.command().as_bytes()));
+    format!("ephemeral_{gib}_{}", &hash[..7])
+}
+
+/// Entry name of a swap template.
+pub fn swap_name(mib: u64) -> String {
+    format!("swap_{mib}")
+}
+
+/// Makes sure the ephemeral template exists; returns its path.
+pub fn ephemeral(
+    cache: &Cache,
+    gib: u64,
+    fs: Fs,
+    lock_timeout: Duration,
+    rep: &dyn Reporter,
+) -> Result<PathBuf> {
+    let tool = format!("mkfs.{}", fs.name());
+    let mut args: Vec<String> = fs.options().iter().map(|s| s.to_string()).collect();
+    if fs == Fs::Vfat {
+        // Large vfat volumes need FAT32 explicitly.
+        args.insert(0, "-F".into());
+        args.insert(1, "32".into());
+    }
+    build(
+        cache,
+        &ephemeral_name(gib, fs),
+        gib << 30,
+        &tool,
+        fs.package(),
+        &args,
+        lock_timeout,
+        rep,
+    )
+}
+
+/// Makes sure the swap template exists; returns its path.
+pub fn swap(
+    cache: &Cache,
+    mib: u64,
+    lock_timeout: Duration,
+    rep: &dyn Reporter,
+) -> Result<PathBuf> {
+    build(
+        cache,
+        &swap_name(mib),
+        mib << 20,
+        "mkswap",
+        "util-linux",
+        &[],
+        lock_timeout,
+        rep,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    cache: &Cache,
+    name: &str,
+    size: u64,
+    tool: &str,
+    package: &str,
+    args: &[String],
+    lock_timeout: Duration,
+    rep: &dyn Reporter,
+) -> Result<PathBuf> {
+    let path = cache.entry_path(name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let binary = find_tool(tool).ok_or_else(|| Error::Missing {
+        tool: tool.to_owned(),
+        package: package.to_owned(),
+    })?;
+    cache.ensure_dirs()?;
+    let _lock = cache.lock(name, &format!("template {name}"), lock_timeout, &|what| {
+        rep.info(&format!("waiting for the lock on {what}"))
+    })?;
+    if path.is_file() {
+        return Ok(path);
+    }
+    let tmp = cache.part_path(name);
+    let result = (|| -> Result<()> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("cannot size {}", tmp.display()))?;
+        drop(f);
+        rep.debug(&format!(
+            "{} {} {}",
+            binary.display(),
+            args.join(" "),
+            tmp.display()
+        ));
+        let out = Command::new(&binary)
+            .args(args)
+            .arg(&tmp)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|_| Error::Missing {
+                tool: tool.to_owned(),
+                package: package.to_owned(),
+            })?;
+        if !out.status.success() {
+            return Err(Error::Failed {
+                tool: tool.to_owned(),
+                path: tmp.clone(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }
+            .into());
+        }
+        cache::persist(&tmp, &path)
+            .with_context(|| format!("cannot move {} into place", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| path)
+}
+
+/// Looks a tool up in PATH and in the sbin directories (cron's PATH often lacks them).
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(PathBuf::from),
+        )
+        .map(|d| d.join(tool))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_nova() {
+        assert_eq!(swap_name(512), "swap_512");
+        let n = ephemeral_name(10, Fs::Ext4);
+        assert!(n.starts_with("ephemeral_10_"), "{n}");
+        assert_eq!(n.len(), "ephemeral_10_".len() + 7);
+        assert_ne!(n, ephemeral_name(10, Fs::Xfs));
+        assert_eq!(Fs::Ext4.command(), "mkfs -t ext4 -F -L ephemeral0");
+    }
+}
