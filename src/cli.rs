@@ -63,6 +63,84 @@ pub enum Command {
     /// Remove an instance directory, so the bases it used become prunable.
     #[command(after_help = EXIT_CODES_HELP)]
     Delete(DeleteArgs),
+    /// Delete what no instance uses: by age, then by size; stale temp and lock files too.
+    ///
+    /// Safe to run from cron beside fetch and create. Prints one line per removed file and a
+    /// total; with --quiet, nothing at all when nothing was removed.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Prune(PruneArgs),
+    /// List cache entries: type, image, format, sizes, last use, users.
+    List(ListArgs),
+    /// Re-hash cached entries against the digest recorded when they were written.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Verify(VerifyArgs),
+}
+
+/// `imgcache prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Unused original images (and kernels, ramdisks) older than this are removed (Nova's
+    /// remove_unused_original_minimum_age_seconds). Age = time since last in use.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub min_age: Duration,
+
+    /// Same for resized variants, ephemeral and swap templates (Nova's
+    /// remove_unused_resized_minimum_age_seconds).
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub min_age_resized: Duration,
+
+    /// `.part` / `.converted` files untouched this long, whose entry is not locked, are removed.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub temp_age: Duration,
+
+    /// After the age pass, remove unused entries least recently used first until the cache's
+    /// allocated size is at most SIZE (e.g. 200G). Exit 13 if entries in use alone exceed it.
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<String>,
+
+    /// Treat this image id as in use (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub keep: Vec<String>,
+
+    /// Read image ids to treat as in use from FILE (`-` = stdin), one per line.
+    #[arg(long, value_name = "FILE")]
+    pub keep_from: Option<String>,
+
+    /// Print what would be removed and why; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// One JSON document with every entry: kept/removed, reason, size.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `imgcache list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `imgcache verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Image ids to verify (default: every entry).
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+
+    /// Delete corrupt entries (under their lock) so the next fetch gets them again.
+    #[arg(long)]
+    pub remove_corrupt: bool,
+
+    /// How long to wait for an entry's lock when removing it.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: Duration,
+
+    /// One JSON document instead of lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How to reach Glance.

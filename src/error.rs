@@ -87,6 +87,7 @@ Exit codes:
   10  Glance refused the credentials (401/403)
   11  qemu-img (or mkfs/mkswap) missing or failed
   12  an instance disk exists and differs from the request (use --force)
+  13  prune: entries in use alone exceed --max-size
 With several image ids, the exit code is that of the first failed id in command-line order.";
 
 /// A usage error raised after argument parsing (for example an invalid image id).

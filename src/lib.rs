@@ -12,6 +12,7 @@ pub mod instance;
 pub mod lock;
 pub mod progress;
 pub mod qemu_img;
+pub mod scan;
 pub mod size;
 pub mod templates;
 
@@ -33,5 +34,8 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
         cli::Command::Fetch(args) => commands::fetch::run(&cli.global, args, &reporter),
         cli::Command::Create(args) => commands::create::run(&cli.global, args, &reporter),
         cli::Command::Delete(args) => commands::delete::run(&cli.global, args, &reporter),
+        cli::Command::Prune(args) => commands::prune::run(&cli.global, args, &reporter),
+        cli::Command::List(args) => commands::list::run(&cli.global, args),
+        cli::Command::Verify(args) => commands::verify::run(&cli.global, args, &reporter),
     }
 }

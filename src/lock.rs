@@ -26,12 +26,12 @@ pub enum Error {
         path: PathBuf,
         waited: Duration,
     },
-    #[error("cannot open lock file {path}: {source}")]
+    #[error("cannot open lock file {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
         source: std::io::Error,
@@ -166,6 +166,20 @@ pub fn try_acquire(path: &Path) -> Result<Option<FileLock>, Error> {
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+/// True if another process holds the lock at `path`. Creates nothing (for `--dry-run`).
+pub fn is_held(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    match FileExt::try_lock_shared(&file) {
+        Ok(()) => {
+            let _ = FileExt::unlock(&file);
+            false
+        }
+        Err(_) => true,
     }
 }
 

@@ -8,3 +8,4 @@ mod concurrency;
 mod create;
 mod fetch_faults;
 mod fetch_real;
+mod prune;

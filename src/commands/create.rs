@@ -404,6 +404,7 @@ impl Job<'_> {
             }
         }
         tmp.persist(&target)?;
+        touch(&base.path)?;
         Ok(made)
     }
 
@@ -457,6 +458,7 @@ impl Job<'_> {
             .with_context(|| format!("cannot copy {}", base.path.display()))?;
         made.method = Some(method.name());
         tmp.persist(&target)?;
+        touch(&base.path)?;
         Ok(made)
     }
 
@@ -471,13 +473,9 @@ impl Job<'_> {
                 self.opts.lock_timeout,
                 &|what| self.rep.info(&format!("waiting for the lock on {what}")),
             )?;
-            match fs::File::open(&base.path) {
-                Ok(f) => {
-                    f.set_modified(SystemTime::now())
-                        .with_context(|| format!("cannot touch {}", base.path.display()))?;
-                    return Ok(lock);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match touch(&base.path) {
+                Ok(()) => return Ok(lock),
+                Err(e) if is_not_found(&e) => {
                     drop(lock);
                     // Pruned between fetch and lock: fetch it again (images only; templates
                     // are rebuilt by the next run).
@@ -485,10 +483,7 @@ impl Job<'_> {
                         fetch::ensure(self.cache, self.client, id, self.opts, self.rep)?;
                     }
                 }
-                Err(e) => {
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("cannot open {}", base.path.display())));
-                }
+                Err(e) => return Err(e),
             }
         }
         Err(Error::BaseGone {
@@ -559,6 +554,22 @@ impl Job<'_> {
             .into()),
         }
     }
+}
+
+/// Sets a base's mtime to now: "in use" for prune. Done under the base's lock before a disk is
+/// made from it and again after, so a prune whose scan started before the disk appeared sees a
+/// base touched after its scan began and keeps it.
+fn touch(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()))
+        .with_context(|| format!("cannot touch {}", path.display()))
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
 }
 
 /// A template described as a base.

@@ -3,3 +3,6 @@
 pub mod create;
 pub mod delete;
 pub mod fetch;
+pub mod list;
+pub mod prune;
+pub mod verify;

@@ -55,6 +55,24 @@ pub struct Header {
     pub cluster_bits: u32,
 }
 
+/// The backing file name of a qcow2 file, read from its header; `Ok(None)` for a file that is
+/// not qcow2 or has no backing file. Reads at most 1 KiB + the name; never follows anything.
+pub fn backing_file(src: &Source<'_>) -> Result<Option<String>, super::Error> {
+    let h = src.read(0, 20)?;
+    if !h.starts_with(MAGIC) {
+        return Ok(None);
+    }
+    let (Some(offset), Some(size)) = (be64(&h, 8), be32(&h, 16)) else {
+        return Ok(None);
+    };
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    // qemu limits backing file names to 1023 bytes.
+    let name = src.read(offset, size.min(1023) as usize)?;
+    Ok(Some(String::from_utf8_lossy(&name).into_owned()))
+}
+
 /// Parses and checks the header of a qcow2 file.
 pub fn check(src: &Source<'_>) -> Result<Header, super::Error> {
     let h = src.read(0, 104)?;
@@ -214,6 +232,28 @@ mod tests {
                 name: "/etc/passwd".into()
             }
         );
+    }
+
+    #[test]
+    fn backing_file_name_is_read_natively() {
+        let mut h = header();
+        let src = |b: &[u8]| {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(b).unwrap();
+            f
+        };
+        let f = src(&h);
+        assert_eq!(backing_file(&Source::new(&f).unwrap()).unwrap(), None);
+        h[8..16].copy_from_slice(&512u64.to_be_bytes());
+        h[16..20].copy_from_slice(&9u32.to_be_bytes());
+        h[512..521].copy_from_slice(b"../_base/");
+        let f = src(&h);
+        assert_eq!(
+            backing_file(&Source::new(&f).unwrap()).unwrap().as_deref(),
+            Some("../_base/")
+        );
+        let f = src(&h[..10]);
+        assert_eq!(backing_file(&Source::new(&f).unwrap()).unwrap(), None);
     }
 
     #[test]

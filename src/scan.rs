@@ -1,0 +1,399 @@
+//! Reading the state of a cache: what is in `_base` (entries by type, temp files, records) and
+//! which entries instances use — from the usage records `create` writes and from the backing
+//! file of every qcow2 in every instance directory, read natively from the header (no
+//! `qemu-img info` process per disk, as Nova runs).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::cache::{self, Cache, Record};
+use crate::inspect::{self, qcow2};
+use crate::instance;
+
+/// How deep a qcow2 backing chain inside an instance directory is followed.
+const MAX_CHAIN: usize = 4;
+
+/// What a `_base` file is, from its name (Nova's naming).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryType {
+    Image,
+    Resized,
+    Kernel,
+    Ramdisk,
+    Ephemeral,
+    Swap,
+}
+
+impl EntryType {
+    /// Name for tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryType::Image => "image",
+            EntryType::Resized => "resized",
+            EntryType::Kernel => "kernel",
+            EntryType::Ramdisk => "ramdisk",
+            EntryType::Ephemeral => "ephemeral",
+            EntryType::Swap => "swap",
+        }
+    }
+}
+
+/// One cache entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub name: String,
+    pub kind: EntryType,
+    pub path: PathBuf,
+    pub size: u64,
+    pub allocated: u64,
+    pub mtime: SystemTime,
+    pub record: Option<Record>,
+}
+
+/// A temp file (`.part`, `.converted`, record temp) and the entry it belongs to.
+#[derive(Debug, Clone)]
+pub struct Temp {
+    pub file: String,
+    pub entry: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub allocated: u64,
+    pub mtime: SystemTime,
+}
+
+/// The contents of `_base`.
+#[derive(Debug, Default)]
+pub struct Base {
+    pub entries: Vec<Entry>,
+    pub temps: Vec<Temp>,
+}
+
+fn is_hex40(s: &str) -> bool {
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Classifies a `_base` file name; `None` for records, temps and foreign files.
+pub fn classify(name: &str) -> Option<EntryType> {
+    if is_hex40(name) {
+        return Some(EntryType::Image);
+    }
+    if let Some((head, tail)) = name.split_once('_') {
+        if is_hex40(head)
+            && (tail == "sm" || (!tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit())))
+        {
+            return Some(EntryType::Resized);
+        }
+        if head == "swap" && !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(EntryType::Swap);
+        }
+        if head == "ephemeral"
+            && let Some((gib, hash)) = tail.split_once('_')
+            && !gib.is_empty()
+            && gib.bytes().all(|b| b.is_ascii_digit())
+            && hash.len() == 7
+            && hash.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Some(EntryType::Ephemeral);
+        }
+    }
+    None
+}
+
+/// The entry a temp file belongs to, if `name` is one of ours.
+fn temp_owner(name: &str) -> Option<&str> {
+    for suffix in [cache::PART_SUFFIX, cache::CONVERTED_SUFFIX, ".info.tmp"] {
+        if let Some(entry) = name.strip_suffix(suffix)
+            && classify(entry).is_some()
+        {
+            return Some(entry);
+        }
+    }
+    None
+}
+
+/// Lists `_base`. Files that vanish mid-scan are skipped; symlinks and other non-files are
+/// ignored, never followed.
+pub fn scan_base(cache: &Cache) -> Result<Base> {
+    let mut base = Base::default();
+    let rd = match fs::read_dir(cache.base_dir()) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(base),
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("cannot read {}", cache.base_dir().display())));
+        }
+    };
+    for item in rd {
+        let Ok(item) = item else { continue };
+        let name = item.file_name().to_string_lossy().into_owned();
+        let path = item.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        if let Some(mut kind) = classify(&name) {
+            let record = if kind == EntryType::Image {
+                cache.read_record(&name)
+            } else {
+                None
+            };
+            match record.as_ref().and_then(|r| r.disk_format.as_deref()) {
+                Some("aki") => kind = EntryType::Kernel,
+                Some("ari") => kind = EntryType::Ramdisk,
+                _ => {}
+            }
+            base.entries.push(Entry {
+                name,
+                kind,
+                path,
+                size: meta.len(),
+                allocated: meta.blocks() * 512,
+                mtime,
+                record,
+            });
+        } else if let Some(owner) = temp_owner(&name) {
+            base.temps.push(Temp {
+                entry: owner.to_owned(),
+                file: name,
+                path,
+                size: meta.len(),
+                allocated: meta.blocks() * 512,
+                mtime,
+            });
+        }
+    }
+    base.entries.sort_by(|a, b| a.name.cmp(&b.name));
+    base.temps.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok(base)
+}
+
+/// Which entries are in use, and by which instances.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Entry name → instance directory names (or `--keep` for kept ids).
+    pub users: BTreeMap<String, BTreeSet<String>>,
+    /// Instance directories scanned.
+    pub instances: usize,
+    /// Things that could not be read (reported, never fatal).
+    pub warnings: Vec<String>,
+}
+
+impl Usage {
+    /// True if some instance (or `--keep`) uses the entry. Resized variants of an image in use
+    /// are in use too, as in Nova.
+    pub fn in_use(&self, entry: &str) -> bool {
+        if self.users.contains_key(entry) {
+            return true;
+        }
+        match entry.split_once('_') {
+            Some((original, _)) if is_hex40(original) => self.users.contains_key(original),
+            _ => false,
+        }
+    }
+
+    /// Number of users of an entry.
+    pub fn count(&self, entry: &str) -> usize {
+        self.users.get(entry).map_or(0, BTreeSet::len)
+    }
+
+    fn add(&mut self, entry: String, user: &str) {
+        self.users.entry(entry).or_default().insert(user.to_owned());
+    }
+}
+
+/// Scans every instance directory of the cache, plus the ids to keep.
+pub fn scan_usage(cache: &Cache, keep_ids: &[String]) -> Result<Usage> {
+    let mut usage = Usage::default();
+    for id in keep_ids {
+        usage.add(cache::entry_name(id), "--keep");
+    }
+    let root = cache.instances_dir();
+    let rd = match fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(usage),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot read {}", root.display())));
+        }
+    };
+    let base_dir = cache.base_dir();
+    for item in rd {
+        let Ok(item) = item else { continue };
+        let path = item.path();
+        if path == base_dir || path == cache.locks_dir() {
+            continue;
+        }
+        // Real directories only: a symlinked instance dir is never followed.
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            _ => continue,
+        }
+        let name = item.file_name().to_string_lossy().into_owned();
+        usage.instances += 1;
+        if let Some(record) = instance::read_record(&path) {
+            for b in record.bases {
+                usage.add(b, &name);
+            }
+        }
+        scan_instance_disks(&path, &name, base_dir, &mut usage);
+    }
+    Ok(usage)
+}
+
+/// Reads the backing file of every qcow2 in an instance directory.
+fn scan_instance_disks(dir: &Path, instance: &str, base_dir: &Path, usage: &mut Usage) {
+    let Ok(rd) = fs::read_dir(dir) else {
+        usage
+            .warnings
+            .push(format!("cannot read {}", dir.display()));
+        return;
+    };
+    for item in rd.flatten() {
+        let mut disk = item.path();
+        for _ in 0..MAX_CHAIN {
+            let Some(backing) = backing_of(&disk, usage) else {
+                break;
+            };
+            let Some(resolved) = resolve(&disk, &backing) else {
+                usage.warnings.push(format!(
+                    "{}: backing file {backing:?} is not a local path; not followed",
+                    disk.display()
+                ));
+                break;
+            };
+            if resolved.parent() == Some(base_dir) {
+                if let Some(n) = resolved.file_name() {
+                    usage.add(n.to_string_lossy().into_owned(), instance);
+                }
+                break;
+            }
+            // A chain inside the instance directory (snapshots): follow it, nothing elsewhere.
+            if resolved.parent() != Some(dir) {
+                break;
+            }
+            disk = resolved;
+        }
+    }
+}
+
+/// The backing file named in a regular file's qcow2 header.
+fn backing_of(path: &Path, usage: &mut Usage) -> Option<String> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    // A disk deleted mid-scan (Nova bug 1261442) or unreadable is skipped, not fatal.
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            usage
+                .warnings
+                .push(format!("cannot read {}: {e}", path.display()));
+            return None;
+        }
+    };
+    let src = inspect::Source::new(&file).ok()?;
+    qcow2::backing_file(&src).ok().flatten()
+}
+
+/// Resolves a backing name against the disk's directory, lexically (no symlinks followed).
+/// `None` for protocol names (`json:{...}`, `nbd:`...).
+fn resolve(disk: &Path, backing: &str) -> Option<PathBuf> {
+    if backing.starts_with("json:") || (backing.contains(':') && !backing.starts_with('/')) {
+        return None;
+    }
+    let joined = disk.parent()?.join(backing);
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Some(out)
+}
+
+/// Reads ids to keep from a file (`-` = stdin): one per line, `#` comments and blanks ignored.
+pub fn read_keep_file(path: &str) -> Result<Vec<String>> {
+    let text = if path == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read ids from stdin")?
+    } else {
+        fs::read_to_string(path).with_context(|| format!("cannot read --keep-from file {path}"))?
+    };
+    let ids: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    for id in &ids {
+        cache::validate_id("image id in --keep-from", id)?;
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_classified_like_nova() {
+        let h = "a9993e364706816aba3e25717850c26c9cd0d89d";
+        assert_eq!(classify(h), Some(EntryType::Image));
+        assert_eq!(
+            classify(&format!("{h}_21474836480")),
+            Some(EntryType::Resized)
+        );
+        assert_eq!(classify(&format!("{h}_sm")), Some(EntryType::Resized));
+        assert_eq!(classify("swap_512"), Some(EntryType::Swap));
+        assert_eq!(classify("ephemeral_10_0a931c2"), Some(EntryType::Ephemeral));
+        for other in [
+            &format!("{h}.info"),
+            &format!("{h}.part"),
+            "swap_",
+            "notes.txt",
+            &h[..39],
+            &h.to_uppercase(),
+        ] {
+            assert_eq!(classify(other), None, "{other}");
+        }
+        assert_eq!(temp_owner(&format!("{h}.part")), Some(h));
+        assert_eq!(temp_owner(&format!("{h}.converted")), Some(h));
+        assert_eq!(temp_owner("swap_64.part"), Some("swap_64"));
+        assert_eq!(temp_owner("random.part"), None);
+    }
+
+    #[test]
+    fn backing_names_resolve_lexically() {
+        let disk = Path::new("/i/vm1/disk");
+        assert_eq!(
+            resolve(disk, "/i/_base/x"),
+            Some(PathBuf::from("/i/_base/x"))
+        );
+        assert_eq!(
+            resolve(disk, "../_base/x"),
+            Some(PathBuf::from("/i/_base/x"))
+        );
+        assert_eq!(
+            resolve(disk, "disk.snap"),
+            Some(PathBuf::from("/i/vm1/disk.snap"))
+        );
+        assert_eq!(resolve(disk, "json:{\"file\":{}}"), None);
+        assert_eq!(resolve(disk, "nbd://h/x"), None);
+    }
+}
