@@ -8,11 +8,11 @@ contenders alike. Before the rounds each contender runs once untimed (warm-up, a
 command (untimed) deletes its outputs and `sync`s, so each run starts from the same state
 and does not pay for the previous run's writeback. The page cache is not dropped.
 
-Per run we record wall time (time.perf_counter around the whole command), CPU time
-(user + sys of the command and all its descendants, from os.wait4's rusage) and peak RSS
-(largest single process, from the same rusage). A contender may also name an `rss_file`
-written by `/usr/bin/time -f %M -o FILE` around its command; that value is reported as its
-peak RSS instead.
+Per run we record wall time (time.perf_counter around the whole command) and CPU time
+(user + sys of the command and all its descendants, from os.wait4's rusage). wait4's
+ru_maxrss is NOT used: the high-water mark survives fork + exec, so every child would
+report at least this Python process's RSS. A contender that needs its peak RSS wraps its
+command in `/usr/bin/time -f %M -o FILE` and names FILE as its `rss_file`.
 """
 
 import json
@@ -39,7 +39,7 @@ def sh(cmd, what):
 
 
 def run_timed(cmd):
-    """Runs `cmd` under bash; returns (wall s, cpu s, user s, sys s, maxrss KiB)."""
+    """Runs `cmd` under bash; returns (wall s, cpu s, user s, sys s)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(["bash", "-c", "set -euo pipefail\n" + cmd], start_new_session=True)
     timer = threading.Timer(RUN_TIMEOUT, lambda: os.killpg(p.pid, signal.SIGKILL))
@@ -52,7 +52,7 @@ def run_timed(cmd):
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"bench: command failed (exit {p.returncode}): {cmd}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_utime, ru.ru_stime, ru.ru_maxrss
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_utime, ru.ru_stime
 
 
 class Contender:
@@ -62,16 +62,15 @@ class Contender:
         self.wall, self.cpu, self.user, self.sys, self.rss = [], [], [], [], []
 
     def run(self, timed):
-        wall, cpu, user, sys_, rss = run_timed(self.cmd)
-        if self.rss_file:
-            with open(self.rss_file) as f:
-                rss = int(f.read().split()[-1])
+        wall, cpu, user, sys_ = run_timed(self.cmd)
         if timed:
             self.wall.append(wall)
             self.cpu.append(cpu)
             self.user.append(user)
             self.sys.append(sys_)
-            self.rss.append(rss)
+            if self.rss_file:
+                with open(self.rss_file) as f:
+                    self.rss.append(int(f.read().split()[-1]))
         return wall
 
     def median(self):
@@ -109,18 +108,22 @@ def mib(kib):
     return kib / 1024
 
 
+def cell(text):
+    """Escapes a markdown table cell."""
+    return text.replace("|", "\\|")
+
+
 def fmt_table(g):
     ours = g.get(g.ours)
     rows = [
-        f"| contender | median s | min s | max s | MiB/s (median) | CPU s (median) | peak RSS MiB | {ours.name} ÷ this (medians) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| contender | median s | min s | max s | MiB/s (median) | CPU s (median) | {cell(ours.name)} ÷ this (medians) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in g.contenders:
         ratio = "—" if c is ours else f"{ours.median() / c.median():.2f}×"
         rows.append(
-            f"| {c.name} | {c.median():.3f} | {min(c.wall):.3f} | {max(c.wall):.3f} | "
-            f"{g.size / 2**20 / c.median():.0f} | {statistics.median(c.cpu):.2f} | "
-            f"{mib(max(c.rss)):.1f} | {ratio} |"
+            f"| {cell(c.name)} | {c.median():.3f} | {min(c.wall):.3f} | {max(c.wall):.3f} | "
+            f"{g.size / 2**20 / c.median():.0f} | {statistics.median(c.cpu):.2f} | {ratio} |"
         )
     return "\n".join(rows)
 
@@ -130,7 +133,7 @@ def fmt_raw(groups):
     for g in groups:
         for c in g.contenders:
             out.append(
-                f"| {g.key} | {c.name} | {' '.join(f'{w:.3f}' for w in c.wall)} | "
+                f"| {g.key} | {cell(c.name)} | {' '.join(f'{w:.3f}' for w in c.wall)} | "
                 + " ".join(f"{u:.2f}+{s:.2f}" for u, s in zip(c.user, c.sys))
                 + " |"
             )
@@ -141,7 +144,7 @@ def to_json(groups):
     return json.dumps(
         {
             g.key: {
-                c.name: {"wall": c.wall, "user": c.user, "sys": c.sys, "maxrss_kib": c.rss}
+                c.name: {"wall": c.wall, "user": c.user, "sys": c.sys, "maxrss_kib": c.rss or None}
                 for c in g.contenders
             }
             for g in groups
