@@ -71,6 +71,12 @@ pub enum Command {
     Prune(PruneArgs),
     /// List cache entries: type, image, format, sizes, last use, users.
     List(ListArgs),
+    /// Run the image inspector on a local file, e.g. to vet an image before uploading it.
+    ///
+    /// Detects the format from the bytes, runs the safety checks imgcache applies to every
+    /// download, and asks qemu-img (with -f, under rlimits) for a second opinion.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Inspect(InspectArgs),
     /// Re-hash cached entries against the digest recorded when they were written.
     #[command(after_help = EXIT_CODES_HELP)]
     Verify(VerifyArgs),
@@ -111,6 +117,34 @@ pub struct PruneArgs {
     pub dry_run: bool,
 
     /// One JSON document with every entry: kept/removed, reason, size.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `imgcache inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+
+    /// The disk_format it will be (or was) uploaded as: raw, qcow2, vmdk, vhd, vhdx, vdi, iso.
+    #[arg(long, value_name = "FORMAT")]
+    pub declared: Option<String>,
+
+    /// Refuse a larger virtual size.
+    #[arg(long, default_value = "2T", value_name = "SIZE")]
+    pub max_virtual_size: String,
+
+    /// Accept LUKS (version 1) images.
+    #[arg(long)]
+    pub allow_luks: bool,
+
+    /// Skip the qemu-img second opinion.
+    #[arg(long)]
+    pub no_qemu_img: bool,
+
+    /// One JSON document instead of a line.
     #[arg(long)]
     pub json: bool,
 }
@@ -201,6 +235,10 @@ pub struct FetchOpts {
     /// the data is verified the same way. Needs Glance's show_image_direct_url.
     #[arg(long, env = "IMGCACHE_ALLOW_DIRECT_FILE")]
     pub allow_direct_file: bool,
+
+    /// Refuse images whose header claims a larger virtual size (e.g. 4T).
+    #[arg(long, default_value = "2T", value_name = "SIZE")]
+    pub max_virtual_size: String,
 }
 
 /// `imgcache fetch`.

@@ -99,6 +99,8 @@ pub struct Options {
     pub force_raw: bool,
     /// Read `file://` `direct_url`s directly (a Glance file store mounted here).
     pub allow_direct_file: bool,
+    /// What the inspector accepts.
+    pub limits: inspect::Limits,
 }
 
 /// A cache entry ready to use.
@@ -260,7 +262,7 @@ fn inspect_and_build(
     let id = image.id.as_str();
     bar.stage("inspecting");
     let declared = Format::from_disk_format(image.disk_format.as_deref().unwrap_or("raw"))?;
-    let report = inspect::inspect_path(part)?;
+    let report = inspect::inspect_path_with(part, &opts.limits)?;
     inspect::check_declared(declared, report.format)?;
     let info = qemu_img::info(part, report.format.qemu_name())?;
     second_opinion(&report, &info)?;
@@ -333,7 +335,10 @@ fn inspect_and_build(
 }
 
 /// qemu-img must agree with the inspector and find nothing the inspector refused.
-fn second_opinion(report: &inspect::Report, info: &qemu_img::Info) -> Result<(), inspect::Error> {
+pub fn second_opinion(
+    report: &inspect::Report,
+    info: &qemu_img::Info,
+) -> Result<(), inspect::Error> {
     let disagree = |what: String| Err(inspect::Error::QemuDisagrees(what));
     if info.format != report.format.qemu_name() {
         return disagree(format!(
@@ -353,9 +358,10 @@ fn second_opinion(report: &inspect::Report, info: &qemu_img::Info) -> Result<(),
     {
         return disagree(format!("qemu-img sees VMDK create-type {t:?}"));
     }
+    // Formats whose header size qemu reads the same way (vpc may round to its CHS geometry).
+    let comparable = matches!(report.format, Format::Qcow2 | Format::Vmdk | Format::Vdi);
     if let Some(v) = report.virtual_size
-        && report.format != Format::Raw
-        && report.format != Format::Iso
+        && comparable
         && v != info.virtual_size
     {
         return disagree(format!(

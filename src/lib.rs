@@ -36,6 +36,7 @@ pub fn run(cli: cli::Cli) -> Result<Outcome> {
         cli::Command::Delete(args) => commands::delete::run(&cli.global, args, &reporter),
         cli::Command::Prune(args) => commands::prune::run(&cli.global, args, &reporter),
         cli::Command::List(args) => commands::list::run(&cli.global, args),
+        cli::Command::Inspect(args) => commands::inspect::run(args),
         cli::Command::Verify(args) => commands::verify::run(&cli.global, args, &reporter),
     }
 }

@@ -85,7 +85,7 @@ pub fn run(global: &Global, args: CreateArgs, rep: &dyn Reporter) -> Result<Outc
     let cache = Cache::new(&global.instances_path, &global.base_dir_name)?;
     let inst = Instance::resolve(&cache, &args.instance)?;
     let client = glance::Client::new(&glance_settings(&args.glance)?)?;
-    let opts = fetch_options(&args.glance, &args.fetch);
+    let opts = fetch_options(&args.glance, &args.fetch)?;
 
     cache.ensure_dirs()?;
     let _instance_lock = cache.lock(

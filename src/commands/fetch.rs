@@ -24,7 +24,7 @@ pub fn run(global: &Global, args: FetchArgs, rep: &dyn Reporter) -> Result<Outco
     }
     let cache = Cache::new(&global.instances_path, &global.base_dir_name)?;
     let client = glance::Client::new(&glance_settings(&args.glance)?)?;
-    let opts = fetch_options(&args.glance, &args.fetch);
+    let opts = fetch_options(&args.glance, &args.fetch)?;
     let results = fetch_all(&cache, &client, &args.ids, &opts, args.jobs.into(), rep);
 
     let mut first_failure = None;
@@ -64,14 +64,18 @@ pub fn run(global: &Global, args: FetchArgs, rep: &dyn Reporter) -> Result<Outco
 }
 
 /// Fetch settings from the flags.
-pub fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> fetch::Options {
-    fetch::Options {
+pub fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<fetch::Options, UsageError> {
+    Ok(fetch::Options {
         lock_timeout: f.lock_timeout,
         retries: glance.retries,
         retry_backoff: glance.retry_backoff,
         force_raw: !f.no_force_raw,
         allow_direct_file: f.allow_direct_file,
-    }
+        limits: crate::inspect::Limits {
+            max_virtual_size: crate::size::parse("--max-virtual-size", &f.max_virtual_size)?,
+            allow_luks: false,
+        },
+    })
 }
 
 /// Builds Glance settings from the flags; the endpoint is required.

@@ -3,6 +3,7 @@
 pub mod create;
 pub mod delete;
 pub mod fetch;
+pub mod inspect;
 pub mod list;
 pub mod prune;
 pub mod verify;

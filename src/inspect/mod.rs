@@ -3,18 +3,31 @@
 //! that are only recognised by their magic live here.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::Kind;
 
+pub mod gpt;
+pub mod iso;
+pub mod luks;
 pub mod qcow2;
+mod source;
+pub mod vdi;
+pub mod vhd;
 pub mod vmdk;
+
+pub use source::Source;
+
+/// Default ceiling on an image's virtual size: 2 TiB. A larger one is more likely a header
+/// crafted to exhaust the disk on conversion than a real root disk.
+pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 2 << 40;
 
 /// A disk image format as detected from its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Raw,
+    /// A raw disk that starts with an MBR or GPT partition table.
+    Gpt,
     Qcow2,
     Qed,
     Vmdk,
@@ -30,6 +43,7 @@ impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
+            Format::Gpt => "gpt",
             Format::Qcow2 => "qcow2",
             Format::Qed => "qed",
             Format::Vmdk => "vmdk",
@@ -44,7 +58,7 @@ impl Format {
     /// The name qemu-img's `-f` takes for this format.
     pub fn qemu_name(self) -> &'static str {
         match self {
-            Format::Raw | Format::Iso => "raw",
+            Format::Raw | Format::Gpt | Format::Iso => "raw",
             Format::Vhd => "vpc",
             other => other.name(),
         }
@@ -67,6 +81,17 @@ impl Format {
             }
         })
     }
+
+    /// Parses a format name as `imgcache inspect --declared` takes it (Glance's names).
+    pub fn parse(name: &str) -> Option<Format> {
+        Some(match name {
+            "gpt" => Format::Gpt,
+            "qed" => Format::Qed,
+            "luks" => Format::Luks,
+            "vpc" => Format::Vhd,
+            other => Format::from_disk_format(other).ok()?,
+        })
+    }
 }
 
 /// Why an image was refused. Each check has its own variant and names the offset it read.
@@ -85,15 +110,30 @@ pub enum Error {
         declared: &'static str,
         detected: &'static str,
     },
-    #[error("{format} images are refused: {why}")]
-    Banned {
+    #[error("the bytes match several formats ({0}); polyglot images are refused")]
+    Polyglot(String),
+    #[error(
+        "qed images are refused: the format is deprecated and its backing-file handling is unsafe"
+    )]
+    Qed,
+    #[error(
+        "virtual size {size} bytes (from the {format} header) exceeds the limit of {limit} bytes; raise --max-virtual-size if this image is genuine"
+    )]
+    TooLarge {
         format: &'static str,
-        why: &'static str,
+        size: u64,
+        limit: u64,
     },
     #[error("qcow2: {0}")]
     Qcow2(#[from] qcow2::Error),
     #[error("vmdk: {0}")]
     Vmdk(#[from] vmdk::Error),
+    #[error("vhd: {0}")]
+    Vhd(#[from] vhd::Error),
+    #[error("vdi: {0}")]
+    Vdi(#[from] vdi::Error),
+    #[error("luks: {0}")]
+    Luks(#[from] luks::Error),
     #[error("qemu-img disagrees with the inspector: {0}")]
     QemuDisagrees(String),
 }
@@ -108,138 +148,120 @@ impl Error {
     }
 }
 
+/// What the inspector may accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_virtual_size: u64,
+    pub allow_luks: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_virtual_size: DEFAULT_MAX_VIRTUAL_SIZE,
+            allow_luks: false,
+        }
+    }
+}
+
 /// What the inspector found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub format: Format,
-    /// Virtual size from the header, where the format has one.
+    /// Virtual size from the header, where the format has one (file length for raw).
     pub virtual_size: Option<u64>,
 }
 
-/// Bounded reads from the image file.
-pub struct Source<'a> {
-    file: &'a File,
-    len: u64,
-}
-
-impl<'a> Source<'a> {
-    /// Wraps an open file.
-    pub fn new(file: &'a File) -> std::io::Result<Source<'a>> {
-        Ok(Source {
-            len: file.metadata()?.len(),
-            file,
-        })
-    }
-
-    /// File length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True for an empty file.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Reads up to `n` bytes at `offset`; short at end of file, empty past it.
-    pub fn read(&self, offset: u64, n: usize) -> Result<Vec<u8>, Error> {
-        if offset >= self.len {
-            return Ok(Vec::new());
-        }
-        let n = n.min(usize::try_from(self.len - offset).unwrap_or(usize::MAX));
-        let mut buf = vec![0u8; n];
-        let mut done = 0;
-        while done < n {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(k) => done += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::Io(e.to_string())),
-            }
-        }
-        buf.truncate(done);
-        Ok(buf)
-    }
+/// Detects the format of `path` and runs its safety checks with the default limits.
+pub fn inspect_path(path: &Path) -> Result<Report, Error> {
+    inspect_path_with(path, &Limits::default())
 }
 
 /// Detects the format of `path` and runs its safety checks.
-pub fn inspect_path(path: &Path) -> Result<Report, Error> {
+pub fn inspect_path_with(path: &Path, limits: &Limits) -> Result<Report, Error> {
     let file = File::open(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
     let src = Source::new(&file).map_err(|e| Error::Io(e.to_string()))?;
-    inspect(&src)
+    inspect(&src, limits)
+}
+
+/// The formats whose signatures the bytes carry (before any deeper check).
+pub fn signatures(src: &Source<'_>) -> Result<Vec<Format>, Error> {
+    let head = src.read(0, 0x50)?;
+    let mut found = Vec::new();
+    if head.starts_with(qcow2::MAGIC) {
+        found.push(Format::Qcow2);
+    }
+    if head.starts_with(b"QED\0") {
+        found.push(Format::Qed);
+    }
+    if head.starts_with(vmdk::SPARSE_MAGIC) || head.starts_with(vmdk::TEXT_MAGIC) {
+        found.push(Format::Vmdk);
+    }
+    if head.starts_with(luks::MAGIC) {
+        found.push(Format::Luks);
+    }
+    if head.starts_with(b"vhdxfile") {
+        found.push(Format::Vhdx);
+    }
+    if head.get(0x40..0x44) == Some(&vdi::SIGNATURE[..]) {
+        found.push(Format::Vdi);
+    }
+    if head.starts_with(vhd::MAGIC) {
+        found.push(Format::Vhd);
+    }
+    if iso::detect(src)? {
+        found.push(Format::Iso);
+    }
+    if gpt::detect(src)? {
+        found.push(Format::Gpt);
+    }
+    Ok(found)
 }
 
 /// Detects the format and runs its safety checks.
-pub fn inspect(src: &Source<'_>) -> Result<Report, Error> {
-    let head = src.read(0, 512)?;
-    if head.starts_with(qcow2::MAGIC) {
-        let h = qcow2::check(src)?;
-        return Ok(Report {
-            format: Format::Qcow2,
-            virtual_size: Some(h.virtual_size),
-        });
+pub fn inspect(src: &Source<'_>, limits: &Limits) -> Result<Report, Error> {
+    let mut found = signatures(src)?;
+    // A bootable ISO carries a partition table for USB boot: that pair is an ISO (as
+    // oslo.utils' inspector decides). Any other pair is a polyglot.
+    if found == [Format::Iso, Format::Gpt] {
+        found = vec![Format::Iso];
     }
-    if head.starts_with(b"QED\0") {
-        return Err(Error::Banned {
-            format: "qed",
-            why: "the format is deprecated and its backing-file handling is unsafe",
-        });
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|f| f.name()).collect();
+        return Err(Error::Polyglot(names.join(" + ")));
     }
-    if head.starts_with(vmdk::SPARSE_MAGIC) || head.starts_with(vmdk::TEXT_MAGIC) {
-        let v = vmdk::check(src)?;
-        return Ok(Report {
-            format: Format::Vmdk,
-            virtual_size: Some(v.virtual_size),
-        });
-    }
-    if head.starts_with(b"LUKS\xba\xbe") {
-        return Err(Error::Banned {
-            format: "luks",
-            why: "encrypted images cannot be cached unattended",
-        });
-    }
-    if head.starts_with(b"vhdxfile") {
-        return Ok(Report {
-            format: Format::Vhdx,
-            virtual_size: None,
-        });
-    }
-    if head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe] {
-        return Ok(Report {
-            format: Format::Vdi,
-            virtual_size: None,
-        });
-    }
-    if head.starts_with(b"conectix") || is_vhd_footer(src)? {
-        return Ok(Report {
-            format: Format::Vhd,
-            virtual_size: None,
-        });
-    }
-    for off in [0x8001u64, 0x8801, 0x9001] {
-        if src.read(off, 5)? == b"CD001" {
-            return Ok(Report {
-                format: Format::Iso,
-                virtual_size: Some(src.len()),
-            });
+    let format = found.first().copied().unwrap_or(Format::Raw);
+    let virtual_size = match format {
+        Format::Qcow2 => Some(qcow2::check(src)?.virtual_size),
+        Format::Qed => return Err(Error::Qed),
+        Format::Vmdk => Some(vmdk::check(src)?.virtual_size),
+        Format::Luks => {
+            luks::check(src, limits.allow_luks)?;
+            None
         }
+        Format::Vhd => Some(vhd::check(src)?),
+        Format::Vdi => Some(vdi::check(src)?),
+        Format::Vhdx => None,
+        Format::Raw | Format::Gpt | Format::Iso => Some(src.len()),
+    };
+    if let Some(size) = virtual_size
+        && size > limits.max_virtual_size
+    {
+        return Err(Error::TooLarge {
+            format: format.name(),
+            size,
+            limit: limits.max_virtual_size,
+        });
     }
     Ok(Report {
-        format: Format::Raw,
-        virtual_size: Some(src.len()),
+        format,
+        virtual_size,
     })
-}
-
-fn is_vhd_footer(src: &Source<'_>) -> Result<bool, Error> {
-    if src.len() < 512 {
-        return Ok(false);
-    }
-    Ok(src.read(src.len() - 512, 8)? == b"conectix")
 }
 
 /// Checks that the detected format is what Glance declared.
 pub fn check_declared(declared: Format, detected: Format) -> Result<(), Error> {
-    if declared == detected {
+    if declared == detected || (declared == Format::Raw && detected == Format::Gpt) {
         return Ok(());
     }
     Err(Error::Mismatch {
@@ -275,12 +297,9 @@ pub(crate) fn le32(b: &[u8], off: usize) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     fn inspect_bytes(bytes: &[u8]) -> Result<Report, Error> {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(bytes).unwrap();
-        inspect(&Source::new(&f).unwrap())
+        inspect(&Source::from_bytes(bytes), &Limits::default())
     }
 
     #[test]
@@ -294,16 +313,28 @@ mod tests {
     fn qed_and_luks_are_banned() {
         let mut qed = b"QED\0".to_vec();
         qed.resize(1024, 0);
-        assert!(matches!(
-            inspect_bytes(&qed),
-            Err(Error::Banned { format: "qed", .. })
-        ));
+        assert_eq!(inspect_bytes(&qed), Err(Error::Qed));
         let mut luks = b"LUKS\xba\xbe\0\x01".to_vec();
         luks.resize(1024, 0);
-        assert!(matches!(
+        assert_eq!(
             inspect_bytes(&luks),
-            Err(Error::Banned { format: "luks", .. })
-        ));
+            Err(Error::Luks(luks::Error::NotAllowed))
+        );
+        let allowed = Limits {
+            allow_luks: true,
+            ..Limits::default()
+        };
+        assert_eq!(
+            inspect(&Source::from_bytes(&luks), &allowed)
+                .unwrap()
+                .format,
+            Format::Luks
+        );
+        luks[7] = 2;
+        assert_eq!(
+            inspect(&Source::from_bytes(&luks), &allowed),
+            Err(Error::Luks(luks::Error::Version(2)))
+        );
     }
 
     #[test]
@@ -311,6 +342,110 @@ mod tests {
         let mut iso = vec![0u8; 0x9000];
         iso[0x8001..0x8006].copy_from_slice(b"CD001");
         assert_eq!(inspect_bytes(&iso).unwrap().format, Format::Iso);
+    }
+
+    fn mbr(entries: &[(u8, u8)]) -> Vec<u8> {
+        let mut d = vec![0u8; 4096];
+        d[510] = 0x55;
+        d[511] = 0xAA;
+        for (i, (flag, kind)) in entries.iter().enumerate() {
+            d[446 + 16 * i] = *flag;
+            d[446 + 16 * i + 4] = *kind;
+        }
+        d
+    }
+
+    #[test]
+    fn partition_tables() {
+        assert_eq!(
+            inspect_bytes(&mbr(&[(0x80, 0x83)])).unwrap().format,
+            Format::Gpt
+        );
+        assert_eq!(
+            inspect_bytes(&mbr(&[(0, 0xEE)])).unwrap().format,
+            Format::Gpt
+        );
+        // Bad boot flag or a protective entry that is not alone: not a partition table.
+        assert_eq!(
+            inspect_bytes(&mbr(&[(0x12, 0x83)])).unwrap().format,
+            Format::Raw
+        );
+        assert_eq!(
+            inspect_bytes(&mbr(&[(0, 0xEE), (0, 0x83)])).unwrap().format,
+            Format::Raw
+        );
+        assert!(check_declared(Format::Raw, Format::Gpt).is_ok());
+        assert!(check_declared(Format::Qcow2, Format::Gpt).is_err());
+    }
+
+    #[test]
+    fn polyglots_are_refused_except_bootable_iso() {
+        let mut iso = mbr(&[(0x80, 0x17)]);
+        iso.resize(0x9000, 0);
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        assert_eq!(inspect_bytes(&iso).unwrap().format, Format::Iso);
+        iso[0..4].copy_from_slice(qcow2::MAGIC);
+        let e = inspect_bytes(&iso).unwrap_err();
+        assert!(
+            matches!(e, Error::Polyglot(ref s) if s.contains("qcow2") && s.contains("iso")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn virtual_size_ceiling() {
+        let limits = Limits {
+            max_virtual_size: 1000,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            inspect(&Source::from_bytes(&[1u8; 2000]), &limits),
+            Err(Error::TooLarge {
+                size: 2000,
+                limit: 1000,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn vhd_differencing_and_vdi_diff_are_refused() {
+        let mut vhd = vec![0u8; 2048];
+        vhd[..8].copy_from_slice(vhd::MAGIC);
+        vhd[60..64].copy_from_slice(&4u32.to_be_bytes());
+        assert_eq!(
+            inspect_bytes(&vhd),
+            Err(Error::Vhd(vhd::Error::Differencing))
+        );
+        vhd[60..64].copy_from_slice(&2u32.to_be_bytes());
+        vhd[48..56].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        assert_eq!(inspect_bytes(&vhd).unwrap().virtual_size, Some(1 << 20));
+        let mut vdi = vec![0u8; 4096];
+        vdi[0x40..0x44].copy_from_slice(&vdi::SIGNATURE);
+        vdi[0x4c..0x50].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(
+            inspect_bytes(&vdi),
+            Err(Error::Vdi(vdi::Error::ImageType(4)))
+        );
+        vdi[0x4c..0x50].copy_from_slice(&1u32.to_le_bytes());
+        vdi[0x154..0x158].copy_from_slice(&0x10000u32.to_le_bytes());
+        assert!(matches!(
+            inspect_bytes(&vdi),
+            Err(Error::Vdi(vdi::Error::OutOfFile { .. }))
+        ));
+    }
+
+    #[test]
+    fn reads_are_bounded_on_a_huge_sparse_file() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 << 30).unwrap();
+        let src = Source::new(&f).unwrap();
+        inspect(&src, &Limits::default()).unwrap();
+        assert!(
+            src.bytes_read() <= 64 << 10,
+            "read {} bytes",
+            src.bytes_read()
+        );
     }
 
     #[test]
