@@ -5,7 +5,9 @@ mod support;
 
 mod cli;
 mod concurrency;
+mod corpus;
 mod create;
 mod fetch_faults;
 mod fetch_real;
+mod fuzz_inspect;
 mod prune;

@@ -125,18 +125,31 @@ pub enum Error {
         limit: u64,
     },
     #[error("qcow2: {0}")]
-    Qcow2(#[from] qcow2::Error),
+    Qcow2(qcow2::Error),
     #[error("vmdk: {0}")]
-    Vmdk(#[from] vmdk::Error),
+    Vmdk(vmdk::Error),
     #[error("vhd: {0}")]
-    Vhd(#[from] vhd::Error),
+    Vhd(vhd::Error),
     #[error("vdi: {0}")]
-    Vdi(#[from] vdi::Error),
+    Vdi(vdi::Error),
     #[error("luks: {0}")]
-    Luks(#[from] luks::Error),
+    Luks(luks::Error),
     #[error("qemu-img disagrees with the inspector: {0}")]
     QemuDisagrees(String),
 }
+
+// The format errors are wrapped without being a `source()`, so the printed chain names each
+// check once.
+macro_rules! wrap {
+    ($($variant:ident($module:ident)),*) => {
+        $(impl From<$module::Error> for Error {
+            fn from(e: $module::Error) -> Error {
+                Error::$variant(e)
+            }
+        })*
+    };
+}
+wrap!(Qcow2(qcow2), Vmdk(vmdk), Vhd(vhd), Vdi(vdi), Luks(luks));
 
 impl Error {
     /// The exit-code kind of this error.

@@ -56,6 +56,10 @@ pub struct Vmdk {
 pub fn check(src: &Source<'_>) -> Result<Vmdk, super::Error> {
     let head = src.read(0, 64)?;
     if !head.starts_with(SPARSE_MAGIC) {
+        // A bare descriptor always points at extents in other files. Report the most specific
+        // problem its text has (a host path, a bad createType) before the general refusal.
+        let text = src.read(0, MAX_DESCRIPTOR as usize)?;
+        check_descriptor(&text)?;
         return Err(Error::TextDescriptor.into());
     }
     let field = |off| {

@@ -101,6 +101,19 @@ impl RealGlance {
         file: &Path,
         props: &[(&str, &str)],
     ) -> String {
+        self.try_upload(name, disk_format, file, props)
+            .unwrap_or_else(|e| panic!("upload {name}: {e}"))
+    }
+
+    /// Uploads, returning Glance's refusal (e.g. 415 for a qcow2 with a backing file) as `Err`.
+    /// A refused image is deleted again.
+    pub fn try_upload(
+        &self,
+        name: &str,
+        disk_format: &str,
+        file: &Path,
+        props: &[(&str, &str)],
+    ) -> Result<String, String> {
         // Glance on sqlite fails concurrent uploads now and then (500, "database is locked"):
         // tests upload one at a time.
         let _one_at_a_time = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,10 +124,17 @@ impl RealGlance {
             .body(std::fs::File::open(file).expect("open upload"))
             .send()
             .expect("upload");
-        assert_eq!(resp.status().as_u16(), 204, "upload: {:?}", resp.text());
+        let status = resp.status().as_u16();
+        if status != 204 {
+            let body = resp.text().unwrap_or_default();
+            let _ = Self::http()
+                .delete(format!("{}/v2/images/{id}", self.url))
+                .send();
+            return Err(format!("{status}: {body}"));
+        }
         let record = self.show(&id);
         assert_eq!(record["status"], "active", "{record}");
-        id
+        Ok(id)
     }
 
     /// `GET /v2/images/{id}` as JSON.
