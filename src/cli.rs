@@ -177,10 +177,24 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// How to reach Glance.
+/// How to reach Glance. Credentials come from flags, then the OS_* environment (an openrc),
+/// then clouds.yaml/secure.yaml (--os-cloud), like python-openstackclient.
 #[derive(Debug, Args, Clone)]
 pub struct GlanceArgs {
-    /// Glance endpoint, e.g. http://controller:9292 (with or without /v2).
+    /// Cloud in clouds.yaml (./, ~/.config/openstack/, /etc/openstack/) to take credentials,
+    /// region, interface and TLS settings from.
+    #[arg(long, env = "OS_CLOUD", value_name = "NAME")]
+    pub os_cloud: Option<String>,
+
+    /// Region whose image endpoint to use from the Keystone catalog.
+    #[arg(long, env = "OS_REGION_NAME", value_name = "REGION")]
+    pub os_region_name: Option<String>,
+
+    /// Catalog interface: public, internal or admin (default public).
+    #[arg(long, env = "OS_INTERFACE", value_name = "INTERFACE")]
+    pub os_interface: Option<String>,
+
+    /// Glance endpoint, e.g. http://controller:9292 (with or without /v2); skips the catalog.
     #[arg(long, env = "OS_IMAGE_URL", value_name = "URL")]
     pub glance_url: Option<String>,
 

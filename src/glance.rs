@@ -3,6 +3,7 @@
 //! every failure into "retry" or "give up" with its exit-code kind.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -12,6 +13,7 @@ use reqwest::header::{self, HeaderMap};
 use serde::Deserialize;
 
 use crate::error::Kind;
+use crate::openstack::Secret;
 
 /// Characters left as they are in an image id path segment (RFC 3986 unreserved).
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -48,6 +50,8 @@ pub enum Error {
     BadUrl { url: String, detail: String },
     #[error("cannot read CA certificate {path}: {detail}")]
     CaCert { path: PathBuf, detail: String },
+    #[error("{detail}")]
+    Credentials { kind: Kind, detail: String },
 }
 
 impl Error {
@@ -61,6 +65,7 @@ impl Error {
                 Kind::Unavailable
             }
             Error::BadUrl { .. } | Error::CaCert { .. } => Kind::Usage,
+            Error::Credentials { kind, .. } => *kind,
         }
     }
 
@@ -68,6 +73,7 @@ impl Error {
     pub fn retryable(&self) -> bool {
         match self {
             Error::Transport { .. } => true,
+            Error::Credentials { kind, .. } => *kind == Kind::Unavailable,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
@@ -82,17 +88,71 @@ impl Error {
     }
 }
 
-/// How to reach Glance.
+/// Supplies the `X-Auth-Token` for Glance requests.
+pub trait TokenSource: Send + Sync {
+    /// The current token (authenticating first if needed).
+    fn token(&self) -> Result<Secret, anyhow::Error>;
+    /// Called once after Glance rejected `rejected` with 401: a new token if this source can
+    /// re-authenticate (an expired token mid-run), `None` if it cannot (a fixed token).
+    fn renew(&self, rejected: &Secret) -> Result<Option<Secret>, anyhow::Error>;
+}
+
+/// A token given as it is (`--token`, `OS_AUTH_TOKEN`): never renewed.
+pub struct StaticToken(pub Secret);
+
+impl TokenSource for StaticToken {
+    fn token(&self) -> Result<Secret, anyhow::Error> {
+        Ok(self.0.clone())
+    }
+
+    fn renew(&self, _: &Secret) -> Result<Option<Secret>, anyhow::Error> {
+        Ok(None)
+    }
+}
+
+/// TLS and timeouts, shared by the Glance and Keystone clients.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    /// Endpoint without `/v2`, e.g. `http://controller:9292`.
-    pub url: String,
-    pub token: Option<String>,
+pub struct HttpSettings {
     pub cacert: Option<PathBuf>,
     pub insecure: bool,
     pub connect_timeout: Duration,
     /// Longest silence allowed while waiting for a response or for the next bytes of a body.
     pub read_timeout: Duration,
+}
+
+impl HttpSettings {
+    /// A blocking HTTP client with these settings.
+    pub fn client(&self) -> Result<Http, Error> {
+        let mut builder = Http::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.read_timeout)
+            .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(self.insecure);
+        if let Some(path) = &self.cacert {
+            let pem = std::fs::read(path).map_err(|e| Error::CaCert {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| Error::CaCert {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        builder.build().map_err(|e| Error::BadUrl {
+            url: String::new(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// How to reach Glance.
+#[derive(Clone)]
+pub struct Settings {
+    /// Endpoint without `/v2`, e.g. `http://controller:9292`.
+    pub url: String,
+    pub auth: Option<Arc<dyn TokenSource>>,
+    pub http: HttpSettings,
 }
 
 /// The image record fields imgcache uses. Everything else Glance sends is kept in `extra`.
@@ -164,7 +224,7 @@ pub enum Data {
 pub struct Client {
     http: Http,
     base: String,
-    token: Option<String>,
+    auth: Option<Arc<dyn TokenSource>>,
 }
 
 impl Client {
@@ -183,30 +243,10 @@ impl Client {
         }
         // Accept an endpoint given with its version suffix too.
         let base = base.strip_suffix("/v2").map(str::to_owned).unwrap_or(base);
-        let mut builder = Http::builder()
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.read_timeout)
-            .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
-            .danger_accept_invalid_certs(settings.insecure);
-        if let Some(path) = &settings.cacert {
-            let pem = std::fs::read(path).map_err(|e| Error::CaCert {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| Error::CaCert {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder.build().map_err(|e| Error::BadUrl {
-            url: settings.url.clone(),
-            detail: e.to_string(),
-        })?;
         Ok(Client {
-            http,
+            http: settings.http.client()?,
             base,
-            token: settings.token.clone(),
+            auth: settings.auth.clone(),
         })
     }
 
@@ -218,21 +258,40 @@ impl Client {
         )
     }
 
-    fn get(&self, url: &str) -> reqwest::blocking::RequestBuilder {
-        let mut req = self
-            .http
-            .get(url)
-            .header(header::ACCEPT, "application/json");
-        if let Some(token) = &self.token {
-            req = req.header("X-Auth-Token", token);
+    /// Sends a GET with the current token; after a 401, asks the token source for a new token
+    /// once (an expired Keystone token is renewed; a fixed one is not) and resends.
+    fn get(&self, url: &str, range: Option<u64>) -> Result<Response, Error> {
+        let send = |token: Option<&Secret>| {
+            let mut req = self
+                .http
+                .get(url)
+                .header(header::ACCEPT, "application/json");
+            if let Some(t) = token {
+                req = req.header("X-Auth-Token", t.expose());
+            }
+            if let Some(offset) = range {
+                req = req.header(header::RANGE, format!("bytes={offset}-"));
+            }
+            req.send().map_err(|e| transport(url, &e))
+        };
+        let Some(auth) = &self.auth else {
+            return send(None);
+        };
+        let token = auth.token().map_err(credentials)?;
+        let resp = send(Some(&token))?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
         }
-        req
+        match auth.renew(&token).map_err(credentials)? {
+            Some(fresh) => send(Some(&fresh)),
+            None => Ok(resp),
+        }
     }
 
     /// `GET /v2/images/{id}`, one attempt.
     pub fn show(&self, id: &str) -> Result<Image, Error> {
         let url = self.image_url(id);
-        let resp = self.get(&url).send().map_err(|e| transport(&url, &e))?;
+        let resp = self.get(&url, None)?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             return Err(Error::NotFound {
@@ -257,13 +316,7 @@ impl Client {
     /// cleanly. 416 on a resume is returned as `Full` of a fresh request from 0.
     pub fn open_data(&self, id: &str, offset: u64) -> Result<Data, Error> {
         let url = format!("{}/file", self.image_url(id));
-        let mut req = self
-            .get(&url)
-            .header(header::ACCEPT, "application/octet-stream");
-        if offset > 0 {
-            req = req.header(header::RANGE, format!("bytes={offset}-"));
-        }
-        let resp = req.send().map_err(|e| transport(&url, &e))?;
+        let resp = self.get(&url, (offset > 0).then_some(offset))?;
         let status = resp.status();
         match status {
             StatusCode::OK => {
@@ -299,8 +352,27 @@ fn content_range_start(headers: &HeaderMap) -> Option<u64> {
 }
 
 fn transport(url: &str, e: &reqwest::Error) -> Error {
-    // reqwest's Display omits the cause ("error sending request"); include the chain, which names
-    // the actual problem (connection refused, timed out, certificate).
+    Error::Transport {
+        url: url.to_owned(),
+        detail: describe(e),
+    }
+}
+
+/// A failure of the token source (Keystone), with its own exit-code kind.
+fn credentials(e: anyhow::Error) -> Error {
+    Error::Credentials {
+        kind: crate::error::kind_of(&e),
+        detail: e
+            .chain()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(": "),
+    }
+}
+
+/// One line naming what went wrong with a request: reqwest's Display omits the cause ("error
+/// sending request"), so the chain is included (connection refused, timed out, certificate).
+pub fn describe(e: &reqwest::Error) -> String {
     let mut detail = String::from(if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -316,10 +388,7 @@ fn transport(url: &str, e: &reqwest::Error) -> Error {
         detail.push_str(&s.to_string());
         source = s.source();
     }
-    Error::Transport {
-        url: url.to_owned(),
-        detail,
-    }
+    detail
 }
 
 fn status_error(url: &str, resp: Response) -> Error {
@@ -397,11 +466,13 @@ mod tests {
     fn ids_are_percent_encoded_in_urls() {
         let c = Client::new(&Settings {
             url: "http://h:9292/v2/".into(),
-            token: None,
-            cacert: None,
-            insecure: false,
-            connect_timeout: Duration::from_secs(1),
-            read_timeout: Duration::from_secs(1),
+            auth: None,
+            http: HttpSettings {
+                cacert: None,
+                insecure: false,
+                connect_timeout: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(1),
+            },
         })
         .unwrap();
         assert_eq!(

@@ -10,6 +10,7 @@ pub mod glance;
 pub mod inspect;
 pub mod instance;
 pub mod lock;
+pub mod openstack;
 pub mod progress;
 pub mod qemu_img;
 pub mod scan;

@@ -15,6 +15,7 @@ use crate::cli::{FetchArgs, FetchOpts, GlanceArgs, Global};
 use crate::error::{self, UsageError};
 use crate::fetch::{self, Fetched};
 use crate::glance;
+use crate::openstack;
 use crate::progress::Reporter;
 
 /// Runs the command.
@@ -78,25 +79,30 @@ pub fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<fetch::Option
     })
 }
 
-/// Builds Glance settings from the flags; the endpoint is required.
-pub fn glance_settings(args: &GlanceArgs) -> Result<glance::Settings, UsageError> {
-    let url = args
-        .glance_url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| {
-            UsageError(
-                "no Glance endpoint: pass --glance-url http://controller:9292 or set OS_IMAGE_URL"
-                    .into(),
-            )
-        })?;
-    Ok(glance::Settings {
-        url,
+/// Resolves how to reach Glance: flags > OS_* environment > clouds.yaml, then Keystone (if
+/// credentials are given) for a token and the catalog's image endpoint.
+pub fn glance_settings(args: &GlanceArgs) -> Result<glance::Settings> {
+    let flags = openstack::Flags {
+        cloud: args.os_cloud.clone().filter(|c| !c.is_empty()),
+        glance_url: args.glance_url.clone().filter(|u| !u.is_empty()),
         token: args.token.clone().filter(|t| !t.is_empty()),
         cacert: args.cacert.clone(),
         insecure: args.insecure,
+        region: args.os_region_name.clone().filter(|r| !r.is_empty()),
+        interface: args.os_interface.clone().filter(|i| !i.is_empty()),
+    };
+    let creds = openstack::resolve(&flags, &|k| std::env::var(k).ok())?;
+    let http = glance::HttpSettings {
+        cacert: creds.cacert.clone(),
+        insecure: creds.insecure,
         connect_timeout: args.connect_timeout,
         read_timeout: args.read_timeout,
+    };
+    let endpoint = openstack::endpoint(&creds, &http)?;
+    Ok(glance::Settings {
+        url: endpoint.url,
+        auth: endpoint.auth,
+        http,
     })
 }
 
