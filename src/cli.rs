@@ -41,9 +41,15 @@ pub struct Global {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
-    /// More detail on stderr (-v). Secrets are never printed.
+    /// More detail on stderr (-v: requests, retries, lock waits, timings; -vv: more). Secrets
+    /// are never printed.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Configuration file (TOML; keys are the long flag names, e.g. lock_timeout = "30m").
+    /// Default: /etc/imgcache/imgcache.toml if it exists.
+    #[arg(long, global = true, env = "IMGCACHE_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// The subcommands.
@@ -80,6 +86,28 @@ pub enum Command {
     /// Re-hash cached entries against the digest recorded when they were written.
     #[command(after_help = EXIT_CODES_HELP)]
     Verify(VerifyArgs),
+    /// Show the effective settings and where each came from.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `imgcache man > /usr/local/share/man/man1/imgcache.1`.
+    Man,
+}
+
+/// `imgcache config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every setting a configuration file can hold, its effective value, and its source
+    /// (flag, env, file, default). Secrets are never shown.
+    Show {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `imgcache prune`.

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod disk;
 pub mod error;
 pub mod fetch;
@@ -28,10 +29,29 @@ pub enum Outcome {
     Partial(u8),
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: cli::Cli) -> Result<Outcome> {
+/// Runs a parsed command line. `matches` (as the user gave them, before the configuration
+/// file was applied) and `file` are for `config show`.
+pub fn run(
+    cli: cli::Cli,
+    matches: &clap::ArgMatches,
+    file: Option<&config::File>,
+) -> Result<Outcome> {
     let reporter = progress::Terminal::new(cli.global.quiet, cli.global.verbose);
     match cli.command {
+        cli::Command::Config(cli::ConfigCommand::Show { json }) => {
+            commands::config::show(matches, file, json)
+        }
+        cli::Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = cli::Cli::command();
+            clap_complete::generate(shell, &mut cmd, "imgcache", &mut std::io::stdout());
+            Ok(Outcome::Success)
+        }
+        cli::Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(cli::Cli::command()).render(&mut std::io::stdout())?;
+            Ok(Outcome::Success)
+        }
         cli::Command::Fetch(args) => commands::fetch::run(&cli.global, args, &reporter),
         cli::Command::Create(args) => commands::create::run(&cli.global, args, &reporter),
         cli::Command::Delete(args) => commands::delete::run(&cli.global, args, &reporter),

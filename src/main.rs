@@ -1,29 +1,68 @@
-//! The `imgcache` binary: parse arguments, run, turn the outcome into an exit code.
+//! The `imgcache` binary: parse arguments (with the configuration file's values for what the
+//! command line and environment left unset), run, turn the outcome into an exit code.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use imgcache::cli::Cli;
+use imgcache::config;
 
 fn main() -> ExitCode {
-    let cli = match imgcache::cli::Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            // clap prints help/version to stdout with code 0 and usage errors with code 2.
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let matches = match Cli::command().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) => return clap_exit(&e),
+    };
+    let file = match config::locate(config::explicit_path(&argv)) {
+        None => None,
+        Some((path, explicit)) if !explicit && !path.is_file() => None,
+        Some((path, _)) => match config::load(&path) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(&e),
+        },
+    };
+    // `config show` reports sources, so it gets the matches from before the file was applied.
+    let original = matches.clone();
+    let matches = match &file {
+        None => matches,
+        Some(f) => {
+            let injected = match config::inject(&argv, &matches, f) {
+                Ok(a) => a,
+                Err(e) => return fail(&e.into()),
+            };
+            match Cli::command().try_get_matches_from(&injected) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("imgcache: (with settings from {})", f.path.display());
+                    return clap_exit(&e);
+                }
+            }
         }
     };
-    match imgcache::run(cli) {
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => return clap_exit(&e),
+    };
+    match imgcache::run(cli, &original, file.as_ref()) {
         Ok(imgcache::Outcome::Success) => ExitCode::SUCCESS,
         Ok(imgcache::Outcome::Partial(code)) => ExitCode::from(code),
-        Err(e) => {
-            if is_broken_pipe(&e) {
-                return ExitCode::SUCCESS;
-            }
-            eprintln!("imgcache: {}", chain(&e));
-            ExitCode::from(imgcache::error::kind_of(&e).exit_code())
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// clap prints help/version to stdout with code 0 and usage errors with code 2.
+fn clap_exit(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    if is_broken_pipe(e) {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("imgcache: {}", chain(e));
+    ExitCode::from(imgcache::error::kind_of(e).exit_code())
 }
 
 /// `outer: inner: innermost`, on one line.

@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod concurrency;
+mod config;
 mod corpus;
 mod create;
 mod fetch_faults;

@@ -1,0 +1,244 @@
+//! The configuration file (`/etc/imgcache/imgcache.toml`, `--config`, `IMGCACHE_CONFIG`): a
+//! flat TOML table whose keys are the long flags' names (`lock_timeout = "30m"`). Precedence is
+//! flags > environment > file > defaults, done by handing clap the file's values as extra flags
+//! for exactly the settings that neither a flag nor the environment set — so a value from the
+//! file is parsed and validated by the same code as the flag.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory};
+
+use crate::cli::Cli;
+use crate::error::UsageError;
+
+/// The default configuration file, read if it exists.
+pub const DEFAULT_PATH: &str = "/etc/imgcache/imgcache.toml";
+
+/// Keys a file may set: every setting that is a flag, except secrets.
+pub const KEYS: &[&str] = &[
+    "instances_path",
+    "base_dir_name",
+    "glance_url",
+    "os_cloud",
+    "os_region_name",
+    "os_interface",
+    "cacert",
+    "insecure",
+    "connect_timeout",
+    "read_timeout",
+    "retries",
+    "retry_backoff",
+    "lock_timeout",
+    "jobs",
+    "force_raw",
+    "allow_direct_file",
+    "max_virtual_size",
+    "min_age",
+    "min_age_resized",
+    "temp_age",
+    "max_size",
+];
+
+/// A loaded configuration file.
+#[derive(Debug, Clone)]
+pub struct File {
+    pub path: PathBuf,
+    pub values: BTreeMap<String, toml::Value>,
+}
+
+/// Finds the file: `--config` (given here as `explicit`), `IMGCACHE_CONFIG`, or the default
+/// path if it exists. An explicit path that does not exist is an error.
+pub fn locate(explicit: Option<PathBuf>) -> Option<(PathBuf, bool)> {
+    if let Some(p) = explicit {
+        return Some((p, true));
+    }
+    if let Some(p) = std::env::var_os("IMGCACHE_CONFIG").filter(|p| !p.is_empty()) {
+        return Some((PathBuf::from(p), true));
+    }
+    let p = PathBuf::from(DEFAULT_PATH);
+    p.is_file().then_some((p, false))
+}
+
+/// Reads and checks a configuration file: TOML, known keys only.
+pub fn load(path: &Path) -> Result<File> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        UsageError(format!(
+            "configuration file {}: {}",
+            path.display(),
+            e.to_string().lines().next().unwrap_or("invalid TOML")
+        ))
+    })?;
+    let mut values = BTreeMap::new();
+    for (k, v) in table {
+        if k == "token" || k == "password" {
+            return Err(UsageError(format!(
+                "configuration file {}: key {k:?} is a secret; put it in the environment or clouds.yaml/secure.yaml",
+                path.display()
+            ))
+            .into());
+        }
+        if !KEYS.contains(&k.as_str()) {
+            return Err(UsageError(format!(
+                "configuration file {}: unknown key {k:?}; known keys: {}",
+                path.display(),
+                KEYS.join(", ")
+            ))
+            .into());
+        }
+        values.insert(k, v);
+    }
+    Ok(File {
+        path: path.to_owned(),
+        values,
+    })
+}
+
+/// The flag a key becomes, or `None` when the value needs no flag (a false switch).
+fn as_flag(key: &str, value: &toml::Value, path: &Path) -> Result<Option<String>, UsageError> {
+    let flag = key.replace('_', "-");
+    let bad = |want: &str| {
+        UsageError(format!(
+            "configuration file {}: {key} must be {want}",
+            path.display()
+        ))
+    };
+    Ok(match (key, value) {
+        ("force_raw", toml::Value::Boolean(b)) => (!b).then(|| "--no-force-raw".to_owned()),
+        ("insecure" | "allow_direct_file", toml::Value::Boolean(b)) => {
+            b.then(|| format!("--{flag}"))
+        }
+        ("force_raw" | "insecure" | "allow_direct_file", _) => return Err(bad("true or false")),
+        (_, toml::Value::String(s)) => Some(format!("--{flag}={s}")),
+        (_, toml::Value::Integer(i)) => Some(format!("--{flag}={i}")),
+        _ => return Err(bad("a string or an integer")),
+    })
+}
+
+/// The arg id a key sets in the subcommand's matches (`force_raw` is the `no_force_raw` switch).
+fn arg_id(key: &str) -> &str {
+    if key == "force_raw" {
+        "no_force_raw"
+    } else {
+        key
+    }
+}
+
+/// True if the subcommand `sub` has an argument with this id.
+fn has_arg(sub: &str, id: &str) -> bool {
+    let cmd = Cli::command();
+    cmd.get_arguments().any(|a| a.get_id() == id)
+        || cmd
+            .find_subcommand(sub)
+            .is_some_and(|s| s.get_arguments().any(|a| a.get_id() == id))
+}
+
+/// Where a setting's value came from.
+pub fn source_of(m: &ArgMatches, id: &str) -> Option<ValueSource> {
+    m.try_get_raw(id).ok().flatten()?;
+    m.value_source(id)
+}
+
+/// Adds the file's values as flags for the settings the command line and environment left at
+/// their defaults, right after the subcommand name.
+pub fn inject(
+    argv: &[OsString],
+    matches: &ArgMatches,
+    file: &File,
+) -> Result<Vec<OsString>, UsageError> {
+    let Some((sub, sub_m)) = matches.subcommand() else {
+        return Ok(argv.to_vec());
+    };
+    let mut extra = Vec::new();
+    for (key, value) in &file.values {
+        let id = arg_id(key);
+        if !has_arg(sub, id) {
+            continue;
+        }
+        let set_by_user = matches!(
+            source_of(sub_m, id),
+            Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+        );
+        if set_by_user {
+            continue;
+        }
+        if let Some(flag) = as_flag(key, value, &file.path)? {
+            extra.push(OsString::from(flag));
+        }
+    }
+    let at = argv
+        .iter()
+        .position(|a| a == sub)
+        .map_or(argv.len(), |i| i + 1);
+    let mut out = argv[..at].to_vec();
+    out.extend(extra);
+    out.extend_from_slice(&argv[at..]);
+    Ok(out)
+}
+
+/// The `--config` value, read from the raw arguments before clap runs (the file changes how the
+/// rest is parsed).
+pub fn explicit_path(argv: &[OsString]) -> Option<PathBuf> {
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--" {
+            break;
+        }
+        if s == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_secret_keys_are_rejected_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "lock_timeot = \"5m\"\n").unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown key \"lock_timeot\""), "{e}");
+        std::fs::write(&p, "token = \"x\"\n").unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("secret"));
+        std::fs::write(&p, "retries = 5\nforce_raw = false\n").unwrap();
+        let f = load(&p).unwrap();
+        assert_eq!(
+            as_flag("retries", &f.values["retries"], &p)
+                .unwrap()
+                .as_deref(),
+            Some("--retries=5")
+        );
+        assert_eq!(
+            as_flag("force_raw", &f.values["force_raw"], &p)
+                .unwrap()
+                .as_deref(),
+            Some("--no-force-raw")
+        );
+    }
+
+    #[test]
+    fn every_key_is_a_real_flag_somewhere() {
+        let cmd = Cli::command();
+        for key in KEYS {
+            let id = arg_id(key);
+            let found = cmd.get_arguments().any(|a| a.get_id() == id)
+                || cmd
+                    .get_subcommands()
+                    .any(|s| s.get_arguments().any(|a| a.get_id() == id));
+            assert!(found, "{key}");
+        }
+    }
+}
