@@ -132,9 +132,20 @@ pub fn ensure(
     let name = cache::entry_name(id);
     let path = cache.entry_path(&name);
     if path.is_file() {
+        rep.debug(&format!("image {id}: already cached as {}", path.display()));
         return Ok(cached(cache, id, &name, path, rep));
     }
+    rep.debug(&format!(
+        "image {id}: not cached; asking Glance for its record"
+    ));
     let image = with_retries(opts, rep, &format!("image {id}"), || glance.show(id))?;
+    rep.debug(&format!(
+        "image {id}: {} {} bytes, disk_format {}, status {}",
+        image.name.as_deref().unwrap_or("(no name)"),
+        image.size.map_or("?".into(), |s| s.to_string()),
+        image.disk_format.as_deref().unwrap_or("?"),
+        image.status
+    ));
     if image.status != "active" {
         return Err(Error::NotActive {
             id: id.to_owned(),
@@ -208,10 +219,18 @@ fn build_entry(
     bar.set_length(image.size);
     bar.stage("downloading");
     let direct = direct_file(image, opts, rep);
+    let started = std::time::Instant::now();
     let received = match direct {
         Some(src) => download_direct(&src, part, &algo, rep, bar),
         None => download(glance, image, part, &algo, opts, rep, bar),
     };
+    if let Ok((bytes, _)) = &received {
+        let secs = started.elapsed().as_secs_f64();
+        rep.debug(&format!(
+            "image {id}: {bytes} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MB/s)",
+            *bytes as f64 / secs.max(1e-9) / 1e6
+        ));
+    }
     let (size, digest) = match received {
         Ok(v) => v,
         Err(e) => {
@@ -267,7 +286,7 @@ fn inspect_and_build(
     let info = qemu_img::info(part, report.format.qemu_name())?;
     second_opinion(&report, &info)?;
     rep.debug(&format!(
-        "image {id}: {} , virtual size {} bytes",
+        "image {id}: inspected as {}, virtual size {} bytes; qemu-img agrees",
         report.format.name(),
         info.virtual_size
     ));
@@ -277,12 +296,15 @@ fn inspect_and_build(
         bar.stage("converting");
         let dst = cache.converted_path(name);
         check_space(id, cache.base_dir(), size, info.virtual_size)?;
-        qemu_img::convert_to_raw(
-            part,
-            report.format.qemu_name(),
-            &dst,
-            direct_io_works(cache.base_dir()),
-        )?;
+        let direct_io = direct_io_works(cache.base_dir());
+        let started = std::time::Instant::now();
+        qemu_img::convert_to_raw(part, report.format.qemu_name(), &dst, direct_io)?;
+        rep.debug(&format!(
+            "image {id}: converted {} to raw (-t {}) in {:.2}s",
+            report.format.name(),
+            if direct_io { "none" } else { "writeback" },
+            started.elapsed().as_secs_f64()
+        ));
         let out = qemu_img::info(&dst, "raw")?;
         if out.virtual_size != info.virtual_size {
             return Err(Error::ConvertedSize {
@@ -715,9 +737,21 @@ fn download(
         if complete {
             break;
         }
+        rep.trace(&format!(
+            "GET /v2/images/{id}/file{}",
+            if pos > 0 {
+                format!(" with Range: bytes={pos}-")
+            } else {
+                String::new()
+            }
+        ));
         let attempt = glance.open_data(id, pos).and_then(|data| {
             let mut body = match data {
                 Data::Full { body, len } => {
+                    rep.trace(&format!(
+                        "image {id}: 200, {} bytes",
+                        len.map_or("?".into(), |l| l.to_string())
+                    ));
                     if pos > 0 {
                         rep.info(&format!(
                             "image {id}: the server ignored the range request; starting over"
@@ -739,7 +773,10 @@ fn download(
                     }
                     body
                 }
-                Data::Partial { body } => body,
+                Data::Partial { body } => {
+                    rep.trace(&format!("image {id}: 206 from byte {pos}"));
+                    body
+                }
             };
             Ok(pump(&mut body, &mut file, &hasher, pos, bar))
         });

@@ -15,6 +15,8 @@ pub trait Reporter: Send + Sync {
     fn warn(&self, msg: &str);
     /// Detail for `-v`.
     fn debug(&self, msg: &str);
+    /// More detail for `-vv` (every HTTP request and its answer).
+    fn trace(&self, _msg: &str) {}
     /// A progress display for one transfer or step.
     fn transfer(&self, label: &str) -> Box<dyn Transfer>;
 }
@@ -88,6 +90,12 @@ impl Reporter for Terminal {
 
     fn debug(&self, msg: &str) {
         if self.verbose > 0 && !self.quiet {
+            self.line(&format!("imgcache: {msg}"));
+        }
+    }
+
+    fn trace(&self, msg: &str) {
+        if self.verbose > 1 && !self.quiet {
             self.line(&format!("imgcache: {msg}"));
         }
     }
