@@ -31,6 +31,8 @@ pub enum Kind {
     Tool,
     /// An instance disk already exists and differs from the request (see `--force`).
     Conflict,
+    /// The cache (or instance) directory cannot be written: read-only filesystem, permissions.
+    NotWritable,
 }
 
 impl Kind {
@@ -49,6 +51,7 @@ impl Kind {
             Kind::Auth => 10,
             Kind::Tool => 11,
             Kind::Conflict => 12,
+            Kind::NotWritable => 14,
         }
     }
 
@@ -67,6 +70,7 @@ impl Kind {
             Kind::Auth => "auth",
             Kind::Tool => "tool",
             Kind::Conflict => "conflict",
+            Kind::NotWritable => "not-writable",
         }
     }
 }
@@ -88,6 +92,7 @@ Exit codes:
   11  qemu-img (or mkfs/mkswap) missing or failed
   12  an instance disk exists and differs from the request (use --force)
   13  prune: entries in use alone exceed --max-size
+  14  the cache directory is not writable (read-only filesystem, permission denied)
 With several image ids, the exit code is that of the first failed id in command-line order.";
 
 /// A usage error raised after argument parsing (for example an invalid image id).
@@ -140,10 +145,16 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     if let Some(e) = cause.downcast_ref::<crate::commands::create::Error>() {
         return Some(e.kind());
     }
-    if let Some(e) = cause.downcast_ref::<std::io::Error>()
-        && is_no_space(e)
-    {
-        return Some(Kind::NoSpace);
+    if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+        if is_no_space(e) {
+            return Some(Kind::NoSpace);
+        }
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::EROFS | libc::EACCES | libc::EPERM)
+        ) {
+            return Some(Kind::NotWritable);
+        }
     }
     None
 }

@@ -48,6 +48,14 @@ impl Error {
             {
                 Kind::NoSpace
             }
+            Error::Open { source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                Kind::NotWritable
+            }
             _ => Kind::Other,
         }
     }

@@ -12,3 +12,4 @@ mod fetch_faults;
 mod fetch_real;
 mod fuzz_inspect;
 mod prune;
+mod resources;
