@@ -76,6 +76,21 @@ impl Instance {
         self.dir.join(name)
     }
 
+    /// Removes `.<name>.tmp-<pid>` files a killed run left (call under the instance lock).
+    pub fn remove_stale_temps(&self) {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with('.') && name.contains(".tmp-");
+            let is_file = e.file_type().is_ok_and(|t| t.is_file());
+            if ours && is_file {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// Reads the usage record, if any.
     pub fn read_record(&self) -> Option<Record> {
         read_record(&self.dir)

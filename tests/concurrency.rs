@@ -73,3 +73,80 @@ fn lock_timeout_has_its_own_exit_code() {
     assert!(r.stderr.contains("--lock-timeout"), "{}", r.stderr);
     assert!(srv.file_requests().is_empty());
 }
+
+fn spawn_fetches(cache: &Cache, url: &str, id: &str, n: usize) -> Vec<std::process::Child> {
+    (0..n)
+        .map(|_| {
+            cache
+                .fetch(url)
+                .arg(id)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_fetchers_one_download_and_four_by_four_four_downloads() {
+    let cache = Cache::new();
+    let data = test_bytes(1 << 20, 13);
+    let one = FaultServer::start(Image::raw("herd16", data.clone()));
+    one.pace(Some(Duration::from_millis(10)));
+    for c in spawn_fetches(&cache, &one.url, "herd16", 16) {
+        let o = c.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert_eq!(one.file_requests().len(), 1);
+
+    let servers: Vec<FaultServer> = (0..4)
+        .map(|i| {
+            let s = FaultServer::start(Image::raw(
+                &format!("herd4-{i}"),
+                test_bytes(1 << 20, 20 + i),
+            ));
+            s.pace(Some(Duration::from_millis(10)));
+            s
+        })
+        .collect();
+    let children: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| spawn_fetches(&cache, &s.url, &format!("herd4-{i}"), 4))
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let downloads: usize = servers.iter().map(|s| s.file_requests().len()).sum();
+    assert_eq!(downloads, 4);
+}
+
+#[test]
+fn slow_but_steady_server_never_times_out() {
+    // One 64 KiB chunk every 400 ms: the whole transfer takes far longer than the 1 s read
+    // timeout, but no single silence does.
+    let data = test_bytes(640 << 10, 14);
+    let srv = FaultServer::start(Image::raw("steady", data.clone()));
+    srv.pace(Some(Duration::from_millis(400)));
+    let cache = Cache::new();
+    let r = crate::support::run(
+        cache
+            .fetch(&srv.url)
+            .args(["--read-timeout", "1s", "steady"]),
+    );
+    r.assert_code(0);
+    assert_eq!(srv.file_requests().len(), 1, "no retry was needed");
+    assert!(std::fs::read(cache.base().join(entry_name("steady"))).unwrap() == data);
+}

@@ -7,6 +7,7 @@ mod cli;
 mod concurrency;
 mod config;
 mod corpus;
+mod crash;
 mod create;
 mod fetch_faults;
 mod fetch_real;

@@ -99,6 +99,8 @@ pub fn run(global: &Global, args: CreateArgs, rep: &dyn Reporter) -> Result<Outc
         },
     )?;
     let created_dir = inst.ensure_dir()?;
+    // Under the instance lock no other create runs here: temp files are a killed run's.
+    inst.remove_stale_temps();
     let job = Job {
         cache: &cache,
         client: &client,

@@ -49,6 +49,8 @@ pub struct Image {
     pub checksum: Option<String>,
     /// Size sent in the record (defaults to the data length).
     pub size: u64,
+    /// Serve this image under any id (each request's id is echoed in the record).
+    pub any_id: bool,
 }
 
 impl Image {
@@ -62,6 +64,7 @@ impl Image {
             data,
             status: "active".into(),
             disk_format: "raw".into(),
+            any_id: false,
         }
     }
 }
@@ -164,6 +167,14 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
         };
         (st.image.clone(), action, st.pace)
     };
+    let mut image = image;
+    if image.any_id
+        && let Some(id) = path
+            .strip_prefix("/v2/images/")
+            .map(|rest| rest.trim_end_matches("/file"))
+    {
+        image.id = id.to_owned();
+    }
     let record_path = format!("/v2/images/{}", image.id);
     let (status, sent) = if path == record_path {
         let body = record_json(&image);

@@ -1,0 +1,189 @@
+//! The crash campaign: fetch (raw and qcow2), create (raw and qcow2) and prune are SIGKILLed at
+//! random moments, over and over, on one cache. After every kill: `imgcache verify` passes, no
+//! instance disk points at a missing base, and rerunning the same command completes. At the end
+//! the leftovers (temp files of killed runs) are gone after one prune.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::fault_server::{FaultServer, Image};
+use crate::support::{Cache, imgcache, make_qcow2, run, test_bytes};
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn broken_disks(instances: &Path) -> Vec<String> {
+    let mut broken = Vec::new();
+    for inst in std::fs::read_dir(instances).unwrap().flatten() {
+        let name = inst.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("vm-") {
+            continue;
+        }
+        let disk = inst.path().join("disk");
+        if !disk.exists() {
+            continue;
+        }
+        let file = std::fs::File::open(&disk).unwrap();
+        let src = imgcache::inspect::Source::new(&file).unwrap();
+        let backing = imgcache::inspect::qcow2::backing_file(&src).unwrap();
+        if let Some(backing) = backing {
+            if !Path::new(&backing).exists() {
+                broken.push(format!("{}: backing {backing:?} missing", disk.display()));
+            }
+        } else if let Ok(rec) = std::fs::read(inst.path().join("imgcache.json")) {
+            let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap();
+            for b in rec["bases"].as_array().unwrap() {
+                let p = instances.join("_base").join(b.as_str().unwrap());
+                if !p.exists() {
+                    broken.push(format!("{}: base {} missing", disk.display(), p.display()));
+                }
+            }
+        }
+    }
+    broken
+}
+
+#[test]
+fn sigkill_at_random_points_never_corrupts_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut raw_img = Image::raw("any", test_bytes(2 << 20, 31));
+    raw_img.any_id = true;
+    let raw_srv = FaultServer::start(raw_img);
+    let mut disk = test_bytes(2 << 20, 32);
+    disk.resize(24 << 20, 0);
+    let (_, qcow) = make_qcow2(tmp.path(), "crash", &disk);
+    let mut q = Image::raw("any", std::fs::read(&qcow).unwrap());
+    q.disk_format = "qcow2".into();
+    q.any_id = true;
+    let q_srv = FaultServer::start(q);
+    for s in [&raw_srv, &q_srv] {
+        // ~130 ms per download, so kills land during download, convert and disk creation.
+        s.pace(Some(Duration::from_millis(4)));
+    }
+    let cache = Cache::new();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("crash campaign seed {seed}");
+    let mut rng = Rng(seed);
+    let ops = [
+        "fetch-raw",
+        "fetch-qcow2",
+        "create-raw",
+        "create-qcow2",
+        "prune",
+    ];
+    let mut landed = [0u32; 5];
+    for i in 0..75 {
+        let op = i % ops.len();
+        let mut cmd = match ops[op] {
+            "fetch-raw" => {
+                let mut c = cache.fetch(&raw_srv.url);
+                c.arg(format!("img-{i}"));
+                c
+            }
+            "fetch-qcow2" => {
+                let mut c = cache.fetch(&q_srv.url);
+                c.arg(format!("img-{i}"));
+                c
+            }
+            "create-raw" => {
+                let mut c = cache.create(&raw_srv.url, &format!("vm-{i}"), &format!("img-{i}"));
+                c.args(["--backend", "raw", "--size", "32M"]);
+                c
+            }
+            "create-qcow2" => {
+                let mut c = cache.create(&q_srv.url, &format!("vm-{i}"), &format!("img-{i}"));
+                c.args(["--backend", "qcow2", "--size", "32M"]);
+                c
+            }
+            _ => {
+                let mut c = imgcache();
+                c.arg("prune")
+                    .arg("--instances-path")
+                    .arg(cache.instances())
+                    .args([
+                        "--min-age",
+                        "0s",
+                        "--min-age-resized",
+                        "0s",
+                        "--temp-age",
+                        "0s",
+                        "-q",
+                    ]);
+                c
+            }
+        };
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Prune takes milliseconds; everything else a few hundred.
+        let window = if ops[op] == "prune" { 25 } else { 200 };
+        std::thread::sleep(Duration::from_millis(rng.below(window)));
+        if child.try_wait().unwrap().is_none() {
+            landed[op] += 1;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let v = run(imgcache()
+            .arg("verify")
+            .arg("--instances-path")
+            .arg(cache.instances()));
+        assert_eq!(
+            v.code, 0,
+            "verify after killing {} #{i}: {}{}",
+            ops[op], v.stdout, v.stderr
+        );
+        let broken = broken_disks(cache.instances());
+        assert!(
+            broken.is_empty(),
+            "after killing {} #{i}: {broken:?}",
+            ops[op]
+        );
+        let again = run(&mut cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()));
+        assert_eq!(again.code, 0, "rerun of {} #{i}: {}", ops[op], again.stderr);
+    }
+    eprintln!(
+        "kills that landed mid-run: {:?}",
+        ops.iter().zip(landed).collect::<Vec<_>>()
+    );
+    let total: u32 = landed.iter().sum();
+    assert!(total >= 50, "only {total} kills landed mid-run: {landed:?}");
+    for (op, n) in ops.iter().zip(landed) {
+        assert!(n >= 2, "{op}: only {n} kills landed mid-run");
+    }
+    // Leftovers: one prune sweeps temp files; reruns already removed instance temp files.
+    run(imgcache()
+        .arg("prune")
+        .arg("--instances-path")
+        .arg(cache.instances())
+        .args(["--temp-age", "0s", "-q"]))
+    .assert_code(0);
+    let temps: Vec<String> = cache
+        .base_files()
+        .into_iter()
+        .filter(|f| f.ends_with(".part") || f.ends_with(".converted") || f.ends_with(".tmp"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    for inst in std::fs::read_dir(cache.instances()).unwrap().flatten() {
+        let left: Vec<String> = Cache::files_in(&inst.path())
+            .into_iter()
+            .filter(|f| f.contains(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?}", inst.path().display());
+    }
+}
