@@ -152,9 +152,9 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
             "after killing {} #{i}: {broken:?}",
             ops[op]
         );
-        let again = run(&mut cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped()));
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let again = run(&mut cmd);
         assert_eq!(again.code, 0, "rerun of {} #{i}: {}", ops[op], again.stderr);
     }
     eprintln!(
