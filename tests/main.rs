@@ -12,5 +12,6 @@ mod create;
 mod fetch_faults;
 mod fetch_real;
 mod fuzz_inspect;
+mod keystone;
 mod prune;
 mod resources;

@@ -2,6 +2,7 @@
 
 pub mod fault_server;
 pub mod glance;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
