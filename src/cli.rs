@@ -147,6 +147,9 @@ pub struct PruneArgs {
     /// One JSON document with every entry: kept/removed, reason, size.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub rbd: RbdArgs,
 }
 
 /// `imgcache inspect`.
@@ -312,6 +315,37 @@ pub enum Backend {
     Raw,
     /// A qcow2 overlay backed by the base (Nova's use_cow_images, the default).
     Qcow2,
+    /// A Ceph RBD clone of the image, imported into the images pool once (Nova's rbd backend).
+    Rbd,
+}
+
+/// Where the Ceph cluster is (for `--backend rbd`, `delete` of rbd disks, and prune's rbd pass).
+#[derive(Debug, Args, Clone)]
+pub struct RbdArgs {
+    /// Ceph configuration file. Giving it (or IMGCACHE_CEPH_CONF, or `ceph_conf` in the
+    /// configuration file) also turns on prune's pass over the images pool.
+    #[arg(long, env = "IMGCACHE_CEPH_CONF", value_name = "FILE")]
+    pub ceph_conf: Option<std::path::PathBuf>,
+
+    /// Ceph client id (e.g. cinder), passed as --id.
+    #[arg(long, env = "IMGCACHE_CEPH_ID", value_name = "ID")]
+    pub ceph_id: Option<String>,
+
+    /// Ceph keyring file.
+    #[arg(long, env = "IMGCACHE_CEPH_KEYRING", value_name = "FILE")]
+    pub ceph_keyring: Option<std::path::PathBuf>,
+
+    /// Pool holding imported images.
+    #[arg(long, default_value = "images", value_name = "POOL")]
+    pub images_pool: String,
+
+    /// Pool holding instance disks (clones).
+    #[arg(long, default_value = "vms", value_name = "POOL")]
+    pub instances_pool: String,
+
+    /// Longest any single rbd/ceph command may run (imports of big images need long).
+    #[arg(long, default_value = "30m", value_parser = parse_duration, value_name = "DURATION")]
+    pub rbd_timeout: Duration,
 }
 
 /// `imgcache create`.
@@ -354,6 +388,13 @@ pub struct CreateArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// With --backend rbd: keep the local `_base` entry after importing it into Ceph.
+    #[arg(long)]
+    pub keep_local_base: bool,
+
+    #[command(flatten)]
+    pub rbd: RbdArgs,
+
     #[command(flatten)]
     pub glance: GlanceArgs,
 
@@ -380,6 +421,9 @@ pub struct DeleteArgs {
     /// How long to wait for a `create` working on the same instance.
     #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     pub lock_timeout: Duration,
+
+    #[command(flatten)]
+    pub rbd: RbdArgs,
 }
 
 /// Parses `90`, `90s`, `500ms`, `10m`, `2h`, `1d`.

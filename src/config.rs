@@ -41,6 +41,13 @@ pub const KEYS: &[&str] = &[
     "min_age_resized",
     "temp_age",
     "max_size",
+    "ceph_conf",
+    "ceph_id",
+    "ceph_keyring",
+    "images_pool",
+    "instances_pool",
+    "rbd_timeout",
+    "keep_local_base",
 ];
 
 /// A loaded configuration file.

@@ -139,6 +139,9 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     if let Some(e) = cause.downcast_ref::<crate::openstack::keystone::Error>() {
         return Some(e.kind());
     }
+    if let Some(e) = cause.downcast_ref::<crate::rbd::Error>() {
+        return Some(e.kind());
+    }
     if let Some(e) = cause.downcast_ref::<crate::templates::Error>() {
         return Some(e.kind());
     }

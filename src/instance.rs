@@ -144,6 +144,9 @@ pub struct DiskRecord {
     pub base: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// For rbd disks: the clone, `pool/image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<String>,
 }
 
 /// Writes JSON to `path` atomically (temp file, fsync, rename, fsync dir).

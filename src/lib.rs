@@ -14,6 +14,7 @@ pub mod lock;
 pub mod openstack;
 pub mod progress;
 pub mod qemu_img;
+pub mod rbd;
 pub mod scan;
 pub mod size;
 pub mod templates;

@@ -14,4 +14,5 @@ mod fetch_real;
 mod fuzz_inspect;
 mod keystone;
 mod prune;
+mod rbd;
 mod resources;

@@ -158,36 +158,36 @@ struct Report<'a> {
 
 /// One file placed (or found already in place) in the instance directory.
 #[derive(Debug, Serialize)]
-struct Made {
-    role: &'static str,
-    path: PathBuf,
-    format: String,
-    size: u64,
-    base: PathBuf,
+pub(crate) struct Made {
+    pub(crate) role: &'static str,
+    pub(crate) path: PathBuf,
+    pub(crate) format: String,
+    pub(crate) size: u64,
+    pub(crate) base: PathBuf,
     /// `created`, `replaced` or `exists`.
-    status: &'static str,
+    pub(crate) status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    method: Option<&'static str>,
+    pub(crate) method: Option<&'static str>,
 }
 
-struct Job<'a> {
-    cache: &'a Cache,
-    client: &'a glance::Client,
-    opts: &'a fetch::Options,
-    inst: &'a Instance,
-    args: &'a CreateArgs,
-    rep: &'a dyn Reporter,
+pub(crate) struct Job<'a> {
+    pub(crate) cache: &'a Cache,
+    pub(crate) client: &'a glance::Client,
+    pub(crate) opts: &'a fetch::Options,
+    pub(crate) inst: &'a Instance,
+    pub(crate) args: &'a CreateArgs,
+    pub(crate) rep: &'a dyn Reporter,
 }
 
 /// A base the instance will use.
-struct Base {
-    name: String,
-    path: PathBuf,
+pub(crate) struct Base {
+    pub(crate) name: String,
+    pub(crate) path: PathBuf,
     /// Format of the base file (`raw`, or the source format with --no-force-raw).
-    format: String,
-    virtual_size: u64,
-    image_id: Option<String>,
-    properties: serde_json::Map<String, serde_json::Value>,
+    pub(crate) format: String,
+    pub(crate) virtual_size: u64,
+    pub(crate) image_id: Option<String>,
+    pub(crate) properties: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Job<'_> {
@@ -197,27 +197,25 @@ impl Job<'_> {
         ephemeral_gib: Option<u64>,
         swap_mib: Option<u64>,
     ) -> Result<Vec<Made>> {
-        let backend = self.args.backend;
+        // Ephemeral and swap disks stay local files with the rbd backend (qcow2 overlays).
+        let backend = match self.args.backend {
+            Backend::Rbd => Backend::Qcow2,
+            other => other,
+        };
         let mut made = Vec::new();
         let mut records = BTreeMap::new();
 
-        let root = self.image_base(&self.args.image, self.opts)?;
-        let size = if root_size == 0 {
-            root.virtual_size
+        let root = if self.args.backend == Backend::Rbd {
+            let (root, disk) =
+                crate::commands::create_rbd::root_disk(self, root_size, &mut records)?;
+            made.push(disk);
+            root
         } else {
-            root_size
+            let root = self.image_base(&self.args.image, self.opts)?;
+            let size = check_size(root_size, root.virtual_size)?;
+            made.push(self.disk("root", "disk", &root, backend, size, &mut records)?);
+            root
         };
-        if size < root.virtual_size {
-            return Err(Error::TooSmall {
-                what: "root disk",
-                requested: size,
-                requested_h: size::human(size),
-                virtual_size: root.virtual_size,
-                virtual_h: size::human(root.virtual_size),
-            }
-            .into());
-        }
-        made.push(self.disk("root", "disk", &root, backend, size, &mut records)?);
 
         // Kernel and ramdisk images are used as they are, never converted.
         let raw_as_is = fetch::Options {
@@ -274,7 +272,7 @@ impl Job<'_> {
     }
 
     /// Fetches (if needed) and describes an image's base.
-    fn image_base(&self, id: &str, opts: &fetch::Options) -> Result<Base> {
+    pub(crate) fn image_base(&self, id: &str, opts: &fetch::Options) -> Result<Base> {
         cache::validate_id("image id", id)?;
         let f = fetch::ensure(self.cache, self.client, id, opts, self.rep)?;
         let name = cache::entry_name(id);
@@ -321,7 +319,7 @@ impl Job<'_> {
         let target = self.inst.file(file);
         let format = match backend {
             Backend::Raw => "raw",
-            Backend::Qcow2 => "qcow2",
+            Backend::Qcow2 | Backend::Rbd => "qcow2",
         };
         records.insert(
             file.to_owned(),
@@ -330,6 +328,7 @@ impl Job<'_> {
                 size,
                 base: base.name.clone(),
                 image_id: base.image_id.clone(),
+                rbd: None,
             },
         );
         let existing = self.existing(&target, backend, base, size)?;
@@ -379,7 +378,7 @@ impl Job<'_> {
                         .with_context(|| format!("cannot extend {}", tmp.path().display()))?;
                 }
             }
-            Backend::Qcow2 => {
+            Backend::Qcow2 | Backend::Rbd => {
                 // The base is re-checked before it becomes a backing file: it must still be
                 // what the record says (a raw base that now parses as qcow2 is refused).
                 let found = inspect::inspect_path(&base.path)?;
@@ -429,6 +428,7 @@ impl Job<'_> {
                 size,
                 base: base.name.clone(),
                 image_id: base.image_id.clone(),
+                rbd: None,
             },
         );
         let _lock = self.lock_base(base)?;
@@ -467,7 +467,7 @@ impl Job<'_> {
     /// Takes the base's lock and marks it in use (mtime = now), re-checking that it still
     /// exists: a prune deletes only under this lock and only what is old, so from here on the
     /// base stays.
-    fn lock_base(&self, base: &Base) -> Result<crate::lock::FileLock> {
+    pub(crate) fn lock_base(&self, base: &Base) -> Result<crate::lock::FileLock> {
         for _ in 0..BASE_ATTEMPTS {
             let lock = self.cache.lock(
                 &base.name,
@@ -527,7 +527,7 @@ impl Job<'_> {
                         None
                     }
                 }
-                Backend::Qcow2 => match qemu_img::info(target, "qcow2") {
+                Backend::Qcow2 | Backend::Rbd => match qemu_img::info(target, "qcow2") {
                     Err(_) => Some("is not a qcow2 image".to_owned()),
                     Ok(info) if info.virtual_size != size => Some(format!(
                         "has virtual size {}, not {size}",
@@ -556,6 +556,26 @@ impl Job<'_> {
             .into()),
         }
     }
+}
+
+/// The root disk size: the request, or the image's virtual size for 0; never smaller.
+pub(crate) fn check_size(requested: u64, virtual_size: u64) -> Result<u64> {
+    let size = if requested == 0 {
+        virtual_size
+    } else {
+        requested
+    };
+    if size < virtual_size {
+        return Err(Error::TooSmall {
+            what: "root disk",
+            requested: size,
+            requested_h: size::human(size),
+            virtual_size,
+            virtual_h: size::human(virtual_size),
+        }
+        .into());
+    }
+    Ok(size)
 }
 
 /// Sets a base's mtime to now: "in use" for prune. Done under the base's lock before a disk is

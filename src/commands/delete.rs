@@ -55,6 +55,30 @@ pub fn run(global: &Global, args: DeleteArgs, rep: &dyn Reporter) -> Result<Outc
         args.lock_timeout,
         &|what| rep.info(&format!("waiting for the lock on {what}")),
     )?;
+    // RBD clones first: if Ceph refuses, the directory (and its record of the clone) stays so
+    // the delete can be run again.
+    if let Some(record) = inst.read_record() {
+        let rbd_disks: Vec<String> = record
+            .disks
+            .values()
+            .filter_map(|d| d.rbd.clone())
+            .collect();
+        if !rbd_disks.is_empty() {
+            let rbd = crate::commands::create_rbd::client(&args.rbd);
+            for disk in rbd_disks {
+                match rbd.rbd(&["rm", "--no-progress", &disk]) {
+                    Ok(_) => rep.info(&format!("removed rbd clone {disk}")),
+                    Err(e) if e.code() == Some(crate::rbd::ENOENT) => {}
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "cannot remove rbd clone {disk}; {} kept",
+                            inst.dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+    }
     // remove_dir_all does not follow symlinks inside the tree (CVE-2022-21658 fixed in std).
     fs::remove_dir_all(&inst.dir)
         .with_context(|| format!("cannot delete {}", inst.dir.display()))?;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod create;
+pub mod create_rbd;
 pub mod delete;
 pub mod fetch;
 pub mod inspect;

@@ -46,6 +46,8 @@ struct Report {
     instances_scanned: usize,
     entries: Vec<Item>,
     temps: Vec<Item>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rbd: Vec<Item>,
     lock_files_removed: usize,
     freed_bytes: u64,
     allocated_before: u64,
@@ -184,10 +186,16 @@ pub fn run(global: &Global, args: PruneArgs, rep: &dyn Reporter) -> Result<Outco
         temps.push(it);
     }
     let lock_files_removed = pruner.sweep_locks()?;
+    let rbd_items = if args.rbd.ceph_conf.is_some() {
+        rbd_pass(&args, &mut pruner.freed)?
+    } else {
+        Vec::new()
+    };
 
     let removed: Vec<&Item> = items
         .iter()
         .chain(temps.iter())
+        .chain(rbd_items.iter())
         .filter(|i| i.action == "removed" || i.action == "would-remove")
         .collect();
     let report = Report {
@@ -196,6 +204,7 @@ pub fn run(global: &Global, args: PruneArgs, rep: &dyn Reporter) -> Result<Outco
         allocated_after: allocated_before.saturating_sub(pruner.freed),
         entries: Vec::new(),
         temps: Vec::new(),
+        rbd: Vec::new(),
         lock_files_removed,
         freed_bytes: pruner.freed,
         allocated_before,
@@ -209,6 +218,7 @@ pub fn run(global: &Global, args: PruneArgs, rep: &dyn Reporter) -> Result<Outco
         let report = Report {
             entries: items,
             temps,
+            rbd: rbd_items,
             ..report
         };
         serde_json::to_writer_pretty(&mut out, &report)?;
@@ -264,6 +274,85 @@ pub fn run(global: &Global, args: PruneArgs, rep: &dyn Reporter) -> Result<Outco
         return Ok(Outcome::Partial(OVER_MAX_SIZE));
     }
     Ok(Outcome::Success)
+}
+
+/// Imported RBD images (`imgcache-*` in the images pool) with no clones, idle longer than
+/// `--min-age`, are unprotected, their snapshot purged, and removed; images with clones are never
+/// touched (and `snap unprotect` refuses with EBUSY if a clone appeared meanwhile). Temporary
+/// imports of killed runs are removed after `--temp-age`.
+fn rbd_pass(args: &PruneArgs, freed: &mut u64) -> Result<Vec<Item>> {
+    let rbd = crate::commands::create_rbd::client(&args.rbd);
+    let pool = &args.rbd.images_pool;
+    let mut items = Vec::new();
+    for name in rbd.ls(pool)? {
+        if !name.starts_with(crate::rbd::IMAGE_PREFIX) {
+            continue;
+        }
+        let image = format!("{pool}/{name}");
+        let tmp = name.contains(crate::rbd::TMP_INFIX);
+        let info = rbd.info(&image)?.unwrap_or(serde_json::Value::Null);
+        let size = info
+            .get("size")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let idle = rbd.idle_seconds(&image)?;
+        let mut it = Item {
+            name: format!("rbd:{image}"),
+            kind: if tmp { "rbd-temp" } else { "rbd" },
+            image_id: None,
+            image_name: None,
+            size,
+            allocated: size,
+            idle_seconds: idle.unwrap_or(0),
+            users: 0,
+            action: "kept",
+            reason: String::new(),
+        };
+        let children = if tmp {
+            Vec::new()
+        } else {
+            rbd.children(&format!("{image}@{}", crate::rbd::SNAP))?
+        };
+        let threshold = if tmp { args.temp_age } else { args.min_age };
+        it.users = children.len();
+        if !children.is_empty() {
+            it.reason = format!("{} clone(s), e.g. {}", children.len(), children[0]);
+        } else if idle.is_none_or(|i| Duration::from_secs(i) < threshold) {
+            it.reason = match idle {
+                Some(i) => format!(
+                    "unused for {}, younger than {}",
+                    ago(Duration::from_secs(i)),
+                    ago(threshold)
+                ),
+                None => "no last-use record".into(),
+            };
+        } else if args.dry_run {
+            it.action = "would-remove";
+            it.reason = format!(
+                "no clones, unused for {}",
+                ago(Duration::from_secs(idle.unwrap_or(0)))
+            );
+            *freed += size;
+        } else {
+            match rbd.remove_image(&image) {
+                Ok(()) => {
+                    it.action = "removed";
+                    it.reason = format!(
+                        "no clones, unused for {}",
+                        ago(Duration::from_secs(idle.unwrap_or(0)))
+                    );
+                    *freed += size;
+                }
+                Err(e) if e.code() == Some(crate::rbd::EBUSY) => {
+                    it.action = "busy";
+                    it.reason = "a clone appeared meanwhile".into();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        items.push(it);
+    }
+    Ok(items)
 }
 
 fn item(e: &Entry, usage: &Usage, idle: Duration, action: &'static str, reason: String) -> Item {

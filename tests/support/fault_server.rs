@@ -51,6 +51,8 @@ pub struct Image {
     pub size: u64,
     /// Serve this image under any id (each request's id is echoed in the record).
     pub any_id: bool,
+    /// `direct_url` in the record, if any.
+    pub direct_url: Option<String>,
 }
 
 impl Image {
@@ -65,6 +67,7 @@ impl Image {
             status: "active".into(),
             disk_format: "raw".into(),
             any_id: false,
+            direct_url: None,
         }
     }
 }
@@ -302,6 +305,7 @@ fn record_json(image: &Image) -> String {
         "os_hash_algo": algo,
         "os_hash_value": value,
         "visibility": "public",
+        "direct_url": image.direct_url,
     })
     .to_string()
 }
