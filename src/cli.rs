@@ -65,7 +65,7 @@ pub enum Command {
     ///
     /// Prints the path of each disk on stdout (or JSON with --json).
     #[command(after_help = EXIT_CODES_HELP)]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Remove an instance directory, so the bases it used become prunable.
     #[command(after_help = EXIT_CODES_HELP)]
     Delete(DeleteArgs),

@@ -54,7 +54,7 @@ pub fn run(
             Ok(Outcome::Success)
         }
         cli::Command::Fetch(args) => commands::fetch::run(&cli.global, args, &reporter),
-        cli::Command::Create(args) => commands::create::run(&cli.global, args, &reporter),
+        cli::Command::Create(args) => commands::create::run(&cli.global, *args, &reporter),
         cli::Command::Delete(args) => commands::delete::run(&cli.global, args, &reporter),
         cli::Command::Prune(args) => commands::prune::run(&cli.global, args, &reporter),
         cli::Command::List(args) => commands::list::run(&cli.global, args),
