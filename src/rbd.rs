@@ -233,6 +233,30 @@ impl Rbd {
     }
 }
 
+/// Parses rbd's `create_timestamp` (`Sun Nov 22 04:51:04 2026`, the cluster's local time,
+/// treated as UTC) into seconds since the epoch.
+pub fn parse_ctime(s: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut it = s.split_whitespace().skip(1);
+    let name = it.next()?;
+    let month = MONTHS.iter().position(|m| *m == name)? as i64 + 1;
+    let day: i64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    let year: i64 = it.next()?.parse().ok()?;
+    // Days from civil (proleptic Gregorian), inverse of cache::rfc3339's algorithm.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + m * 60 + sec).ok()
+}
+
 /// The name of an imported image in the images pool.
 pub fn image_name(entry_name: &str) -> String {
     format!("{IMAGE_PREFIX}{entry_name}")
@@ -266,6 +290,13 @@ mod tests {
         assert_eq!(parse_location("rbd://f00/images/abc"), None);
         assert_eq!(parse_location("file:///x"), None);
         assert_eq!(parse_location("rbd://f00//abc/snap"), None);
+    }
+
+    #[test]
+    fn ctime_parses() {
+        assert_eq!(parse_ctime("Thu Jan  1 00:00:00 1970"), Some(0));
+        assert_eq!(parse_ctime("Sun Nov 22 00:24:05 2026"), Some(1_795_307_045));
+        assert_eq!(parse_ctime("garbage"), None);
     }
 
     #[test]

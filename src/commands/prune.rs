@@ -295,7 +295,22 @@ fn rbd_pass(args: &PruneArgs, freed: &mut u64) -> Result<Vec<Item>> {
             .get("size")
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0);
-        let idle = rbd.idle_seconds(&image)?;
+        // A temporary import killed before its metadata was set is aged by its creation time.
+        let idle = match rbd.idle_seconds(&image)? {
+            Some(i) => Some(i),
+            None if tmp => info
+                .get("create_timestamp")
+                .and_then(serde_json::Value::as_str)
+                .and_then(crate::rbd::parse_ctime)
+                .map(|t| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                        .saturating_sub(t)
+                }),
+            None => None,
+        };
         let mut it = Item {
             name: format!("rbd:{image}"),
             kind: if tmp { "rbd-temp" } else { "rbd" },
