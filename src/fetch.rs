@@ -167,7 +167,16 @@ pub fn ensure(
     remove_if_exists(&converted)?;
     let bar = rep.transfer(id);
     let part = cache.part_path(&name);
-    let result = build_entry(cache, glance, &image, &name, &part, opts, rep, bar.as_ref());
+    let build = Build {
+        cache,
+        image: &image,
+        name: &name,
+        part: &part,
+        opts,
+        rep,
+        bar: bar.as_ref(),
+    };
+    let result = build.entry(glance);
     if result.is_err() {
         let _ = fs::remove_file(&converted);
     }
@@ -203,45 +212,21 @@ fn cached(cache: &Cache, id: &str, name: &str, path: PathBuf, rep: &dyn Reporter
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build_entry(
-    cache: &Cache,
-    glance: &Client,
-    image: &Image,
-    name: &str,
-    part: &Path,
-    opts: &Options,
-    rep: &dyn Reporter,
-    bar: &dyn Transfer,
-) -> Result<Record> {
-    let id = image.id.as_str();
-    let (algo, expected) = hash_spec(image)?;
-    bar.set_length(image.size);
-    bar.stage("downloading");
-    let direct = direct_file(image, opts, rep);
-    let started = std::time::Instant::now();
-    let received = match direct {
-        Some(src) => download_direct(&src, part, &algo, rep, bar),
-        None => download(glance, image, part, &algo, opts, rep, bar),
-    };
-    if let Ok((bytes, _)) = &received {
-        let secs = started.elapsed().as_secs_f64();
-        rep.debug(&format!(
-            "image {id}: {bytes} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MB/s)",
-            *bytes as f64 / secs.max(1e-9) / 1e6
-        ));
-    }
-    let (size, digest) = match received {
-        Ok(v) => v,
-        Err(e) => {
-            // Within a run, retries already resume; a failed run leaves no temp file behind.
-            // Only a killed process leaves a `.part`, and the next run resumes it.
-            let _ = fs::remove_file(part);
-            return Err(e);
-        }
-    };
-    let verified = verify(image, size, &algo, &expected, &digest.glance).and_then(|()| {
-        inspect_and_build(
+/// One entry being built under its lock.
+struct Build<'a> {
+    cache: &'a Cache,
+    image: &'a Image,
+    name: &'a str,
+    part: &'a Path,
+    opts: &'a Options,
+    rep: &'a dyn Reporter,
+    bar: &'a dyn Transfer,
+}
+
+impl Build<'_> {
+    /// Downloads, verifies, inspects, converts and persists the entry.
+    fn entry(&self, glance: &Client) -> Result<Record> {
+        let Build {
             cache,
             image,
             name,
@@ -249,111 +234,134 @@ fn build_entry(
             opts,
             rep,
             bar,
-            &algo,
-            size,
-            &digest.content,
-        )
-    });
-    if verified.is_err() {
-        let _ = fs::remove_file(part);
-    }
-    let record = verified?;
-    rep.debug(&format!(
-        "image {id}: cached as {}",
-        cache.entry_path(name).display()
-    ));
-    Ok(record)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn inspect_and_build(
-    cache: &Cache,
-    image: &Image,
-    name: &str,
-    part: &Path,
-    opts: &Options,
-    rep: &dyn Reporter,
-    bar: &dyn Transfer,
-    algo: &str,
-    size: u64,
-    content_digest: &str,
-) -> Result<Record> {
-    let id = image.id.as_str();
-    bar.stage("inspecting");
-    let declared = Format::from_disk_format(image.disk_format.as_deref().unwrap_or("raw"))?;
-    let report = inspect::inspect_path_with(part, &opts.limits)?;
-    inspect::check_declared(declared, report.format)?;
-    let info = qemu_img::info(part, report.format.qemu_name())?;
-    second_opinion(&report, &info)?;
-    rep.debug(&format!(
-        "image {id}: inspected as {}, virtual size {} bytes; qemu-img agrees",
-        report.format.name(),
-        info.virtual_size
-    ));
-    let entry = cache.entry_path(name);
-    let convert = opts.force_raw && report.format.qemu_name() != "raw";
-    let (final_tmp, format, content) = if convert {
-        bar.stage("converting");
-        let dst = cache.converted_path(name);
-        check_space(id, cache.base_dir(), size, info.virtual_size)?;
-        let direct_io = direct_io_works(cache.base_dir());
+        } = *self;
+        let id = image.id.as_str();
+        let (algo, expected) = hash_spec(image)?;
+        bar.set_length(image.size);
+        bar.stage("downloading");
+        let direct = direct_file(image, opts, rep);
         let started = std::time::Instant::now();
-        qemu_img::convert_to_raw(part, report.format.qemu_name(), &dst, direct_io)?;
-        rep.debug(&format!(
-            "image {id}: converted {} to raw (-t {}) in {:.2}s",
-            report.format.name(),
-            if direct_io { "none" } else { "writeback" },
-            started.elapsed().as_secs_f64()
+        let received = match direct {
+            Some(src) => download_direct(&src, part, &algo, rep, bar),
+            None => download(glance, image, part, &algo, opts, rep, bar),
+        };
+        if let Ok((bytes, _)) = &received {
+            let secs = started.elapsed().as_secs_f64();
+            rep.debug(&format!(
+            "image {id}: {bytes} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MB/s)",
+            *bytes as f64 / secs.max(1e-9) / 1e6
         ));
-        let out = qemu_img::info(&dst, "raw")?;
-        if out.virtual_size != info.virtual_size {
-            return Err(Error::ConvertedSize {
-                id: id.to_owned(),
-                expected: info.virtual_size,
-                got: out.virtual_size,
-            }
-            .into());
         }
-        let digest = cache::content_digest(&dst)
-            .with_context(|| format!("cannot read {}", dst.display()))?;
-        (dst, "raw".to_owned(), digest)
-    } else {
-        (
-            part.to_owned(),
-            report.format.qemu_name().to_owned(),
-            content_digest.to_owned(),
-        )
-    };
-    let entry_size = fs::metadata(&final_tmp)
-        .with_context(|| format!("cannot stat {}", final_tmp.display()))?
-        .len();
-    let (now, stamp) = cache::now_stamp();
-    let record = Record {
-        image_id: id.to_owned(),
-        name: image.name.clone(),
-        disk_format: image.disk_format.clone(),
-        container_format: image.container_format.clone(),
-        source_format: report.format.name().to_owned(),
-        format,
-        source_size: size,
-        hash_algo: algo.to_owned(),
-        hash_value: hash_value(image).unwrap_or_default().to_ascii_lowercase(),
-        virtual_size: info.virtual_size,
-        entry_size,
-        content_xxh3: content,
-        fetched_at: stamp,
-        fetched_at_unix: now,
-        properties: image.properties(),
-    };
-    // Record first, entry second: a crash in between leaves a record without an entry, which
-    // is ignored and overwritten, never an entry without its record.
-    cache.write_record(name, &record)?;
-    cache::persist(&final_tmp, &entry)
-        .with_context(|| format!("cannot move {} into place", final_tmp.display()))?;
-    if convert {
-        remove_if_exists(part)?;
+        let (size, digest) = match received {
+            Ok(v) => v,
+            Err(e) => {
+                // Within a run, retries already resume; a failed run leaves no temp file behind.
+                // Only a killed process leaves a `.part`, and the next run resumes it.
+                let _ = fs::remove_file(part);
+                return Err(e);
+            }
+        };
+        let verified = verify(image, size, &algo, &expected, &digest.glance)
+            .and_then(|()| self.inspect_and_persist(&algo, size, &digest.content));
+        if verified.is_err() {
+            let _ = fs::remove_file(part);
+        }
+        let record = verified?;
+        rep.debug(&format!(
+            "image {id}: cached as {}",
+            cache.entry_path(name).display()
+        ));
+        Ok(record)
     }
-    Ok(record)
+
+    /// Inspects the verified `.part`, converts it if asked, and persists entry and record.
+    fn inspect_and_persist(&self, algo: &str, size: u64, content_digest: &str) -> Result<Record> {
+        let Build {
+            cache,
+            image,
+            name,
+            part,
+            opts,
+            rep,
+            bar,
+        } = *self;
+        let id = image.id.as_str();
+        bar.stage("inspecting");
+        let declared = Format::from_disk_format(image.disk_format.as_deref().unwrap_or("raw"))?;
+        let report = inspect::inspect_path_with(part, &opts.limits)?;
+        inspect::check_declared(declared, report.format)?;
+        let info = qemu_img::info(part, report.format.qemu_name())?;
+        second_opinion(&report, &info)?;
+        rep.debug(&format!(
+            "image {id}: inspected as {}, virtual size {} bytes; qemu-img agrees",
+            report.format.name(),
+            info.virtual_size
+        ));
+        let entry = cache.entry_path(name);
+        let convert = opts.force_raw && report.format.qemu_name() != "raw";
+        let (final_tmp, format, content) = if convert {
+            bar.stage("converting");
+            let dst = cache.converted_path(name);
+            check_space(id, cache.base_dir(), size, info.virtual_size)?;
+            let direct_io = direct_io_works(cache.base_dir());
+            let started = std::time::Instant::now();
+            qemu_img::convert_to_raw(part, report.format.qemu_name(), &dst, direct_io)?;
+            rep.debug(&format!(
+                "image {id}: converted {} to raw (-t {}) in {:.2}s",
+                report.format.name(),
+                if direct_io { "none" } else { "writeback" },
+                started.elapsed().as_secs_f64()
+            ));
+            let out = qemu_img::info(&dst, "raw")?;
+            if out.virtual_size != info.virtual_size {
+                return Err(Error::ConvertedSize {
+                    id: id.to_owned(),
+                    expected: info.virtual_size,
+                    got: out.virtual_size,
+                }
+                .into());
+            }
+            let digest = cache::content_digest(&dst)
+                .with_context(|| format!("cannot read {}", dst.display()))?;
+            (dst, "raw".to_owned(), digest)
+        } else {
+            (
+                part.to_owned(),
+                report.format.qemu_name().to_owned(),
+                content_digest.to_owned(),
+            )
+        };
+        let entry_size = fs::metadata(&final_tmp)
+            .with_context(|| format!("cannot stat {}", final_tmp.display()))?
+            .len();
+        let (now, stamp) = cache::now_stamp();
+        let record = Record {
+            image_id: id.to_owned(),
+            name: image.name.clone(),
+            disk_format: image.disk_format.clone(),
+            container_format: image.container_format.clone(),
+            source_format: report.format.name().to_owned(),
+            format,
+            source_size: size,
+            hash_algo: algo.to_owned(),
+            hash_value: hash_value(image).unwrap_or_default().to_ascii_lowercase(),
+            virtual_size: info.virtual_size,
+            entry_size,
+            content_xxh3: content,
+            fetched_at: stamp,
+            fetched_at_unix: now,
+            properties: image.properties(),
+        };
+        // Record first, entry second: a crash in between leaves a record without an entry, which
+        // is ignored and overwritten, never an entry without its record.
+        cache.write_record(name, &record)?;
+        cache::persist(&final_tmp, &entry)
+            .with_context(|| format!("cannot move {} into place", final_tmp.display()))?;
+        if convert {
+            remove_if_exists(part)?;
+        }
+        Ok(record)
+    }
 }
 
 /// qemu-img must agree with the inspector and find nothing the inspector refused.

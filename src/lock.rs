@@ -103,16 +103,7 @@ pub fn acquire(
     let mut told = false;
     let mut delay = POLL_START;
     loop {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let file = open(path)?;
         match file.try_lock_exclusive() {
             Ok(()) => {
                 if same_inode(&file, path) {
@@ -153,16 +144,7 @@ pub fn acquire(
 
 /// Tries once, without waiting. `Ok(None)` means someone else holds it.
 pub fn try_acquire(path: &Path) -> Result<Option<FileLock>, Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| Error::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+    let file = open(path)?;
     match file.try_lock_exclusive() {
         Ok(()) if same_inode(&file, path) => Ok(Some(FileLock {
             file,
@@ -175,6 +157,20 @@ pub fn try_acquire(path: &Path) -> Result<Option<FileLock>, Error> {
             source,
         }),
     }
+}
+
+/// Opens (creating if needed) a lock file.
+fn open(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// True if another process holds the lock at `path`. Creates nothing (for `--dry-run`).

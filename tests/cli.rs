@@ -48,14 +48,18 @@ fn bad_url_scheme_is_a_usage_error() {
     assert!(r.stderr.contains("ftp://"), "{}", r.stderr);
 }
 
-#[test]
-fn unreachable_endpoint_is_unavailable_after_retries() {
-    // Bind then drop a listener to get a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A port nobody listens on: bind a listener, then drop it.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+#[test]
+fn unreachable_endpoint_is_unavailable_after_retries() {
+    let port = dead_port();
     let cache = Cache::new();
     let r = run(cache
         .fetch(&format!("http://127.0.0.1:{port}"))
@@ -81,11 +85,7 @@ fn help_documents_exit_codes() {
 
 #[test]
 fn token_is_never_printed() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = dead_port();
     let cache = Cache::new();
     let r = run(cache
         .fetch(&format!("http://127.0.0.1:{port}"))

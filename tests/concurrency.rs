@@ -12,17 +12,7 @@ fn eight_processes_fetching_one_image_download_it_once() {
     // Slow enough that all eight start while the first is still downloading.
     srv.pace(Some(Duration::from_millis(15)));
     let cache = Cache::new();
-    let children: Vec<_> = (0..8)
-        .map(|_| {
-            cache
-                .fetch(&srv.url)
-                .arg("img-herd")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = cache.spawn_fetches(&srv.url, "img-herd", 8);
     let outs: Vec<_> = children
         .into_iter()
         .map(|c| c.wait_with_output().unwrap())
@@ -74,27 +64,13 @@ fn lock_timeout_has_its_own_exit_code() {
     assert!(srv.file_requests().is_empty());
 }
 
-fn spawn_fetches(cache: &Cache, url: &str, id: &str, n: usize) -> Vec<std::process::Child> {
-    (0..n)
-        .map(|_| {
-            cache
-                .fetch(url)
-                .arg(id)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn sixteen_fetchers_one_download_and_four_by_four_four_downloads() {
     let cache = Cache::new();
     let data = test_bytes(1 << 20, 13);
     let one = FaultServer::start(Image::raw("herd16", data.clone()));
     one.pace(Some(Duration::from_millis(10)));
-    for c in spawn_fetches(&cache, &one.url, "herd16", 16) {
+    for c in cache.spawn_fetches(&one.url, "herd16", 16) {
         let o = c.wait_with_output().unwrap();
         assert_eq!(
             o.status.code(),
@@ -118,7 +94,7 @@ fn sixteen_fetchers_one_download_and_four_by_four_four_downloads() {
     let children: Vec<_> = servers
         .iter()
         .enumerate()
-        .flat_map(|(i, s)| spawn_fetches(&cache, &s.url, &format!("herd4-{i}"), 4))
+        .flat_map(|(i, s)| cache.spawn_fetches(&s.url, &format!("herd4-{i}"), 4))
         .collect();
     for c in children {
         let o = c.wait_with_output().unwrap();

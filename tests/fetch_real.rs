@@ -207,17 +207,7 @@ fn eight_processes_against_real_glance_share_one_entry() {
     std::fs::write(&f, test_bytes(8 << 20, 26)).unwrap();
     let id = g.upload("herd", "raw", &f);
     let cache = Cache::new();
-    let children: Vec<_> = (0..8)
-        .map(|_| {
-            cache
-                .fetch(&g.url)
-                .arg(&id)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = cache.spawn_fetches(&g.url, &id, 8);
     let expected = format!("{id} {}\n", cache.base().join(entry_name(&id)).display());
     for c in children {
         let o = c.wait_with_output().unwrap();

@@ -86,6 +86,20 @@ impl Cache {
         cmd
     }
 
+    /// Starts `n` concurrent `imgcache fetch ID` processes with captured output.
+    pub fn spawn_fetches(&self, url: &str, id: &str, n: usize) -> Vec<std::process::Child> {
+        (0..n)
+            .map(|_| {
+                self.fetch(url)
+                    .arg(id)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn imgcache")
+            })
+            .collect()
+    }
+
     /// `imgcache create INSTANCE --image ID` against `url`.
     pub fn create(&self, url: &str, instance: &str, image: &str) -> Command {
         let mut cmd = imgcache();
