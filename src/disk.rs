@@ -3,7 +3,7 @@
 //! 20 GiB raw base holding 1 GiB of data costs 1 GiB of I/O and of disk, like `cp --sparse`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
@@ -41,13 +41,28 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<CopyMethod> {
     if cloned == 0 {
         return Ok(CopyMethod::Reflink);
     }
-    copy_extents(&input, &output, len)?;
+    copy_extents(&input, &output, len, is_network_fs(&output))?;
     output.set_len(len)?;
     Ok(CopyMethod::Sparse)
 }
 
+/// True on NFS and SMB, where copy_file_range becomes a server-side copy. On local filesystems
+/// without reflink a plain 128 KiB read/write loop is faster (measured: 512 MiB in ~80 ms vs
+/// ~90 ms with copy_file_range on ext4, docs/benchmarks.md).
+fn is_network_fs(f: &File) -> bool {
+    const NFS: i64 = 0x6969;
+    const CIFS: i64 = 0xFF53_4D42;
+    const SMB2: i64 = 0xFE53_4D42;
+    // SAFETY: fstatfs fills the zeroed struct we pass; the descriptor is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, NFS | CIFS | SMB2)
+}
+
 /// Copies every data extent of `input` to the same offset of `output`.
-fn copy_extents(input: &File, output: &File, len: u64) -> io::Result<()> {
+fn copy_extents(input: &File, output: &File, len: u64, server_side: bool) -> io::Result<()> {
     let mut pos = 0u64;
     while pos < len {
         let data = match seek(input, libc::SEEK_DATA, pos) {
@@ -60,7 +75,12 @@ fn copy_extents(input: &File, output: &File, len: u64) -> io::Result<()> {
             break;
         }
         let hole = seek(input, libc::SEEK_HOLE, data).unwrap_or(len).min(len);
-        copy_range(input, output, data, hole.max(data + 1) - data)?;
+        let n = hole.max(data + 1) - data;
+        if server_side {
+            copy_range(input, output, data, n)?;
+        } else {
+            read_write(input, output, data, n)?;
+        }
         pos = hole.max(data + 1);
     }
     Ok(())
@@ -110,17 +130,14 @@ fn copy_range(input: &File, output: &File, off: u64, n: u64) -> io::Result<()> {
 }
 
 fn read_write(input: &File, output: &File, off: u64, n: u64) -> io::Result<()> {
-    let mut input = input.try_clone()?;
-    let mut output = output.try_clone()?;
-    input.seek(SeekFrom::Start(off))?;
-    output.seek(SeekFrom::Start(off))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(buf.len() as u64) as usize;
-        input.read_exact(&mut buf[..k])?;
-        output.write_all(&buf[..k])?;
-        left -= k as u64;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 128 << 10];
+    let mut done = 0u64;
+    while done < n {
+        let k = (n - done).min(buf.len() as u64) as usize;
+        input.read_exact_at(&mut buf[..k], off + done)?;
+        output.write_all_at(&buf[..k], off + done)?;
+        done += k as u64;
     }
     Ok(())
 }
@@ -154,6 +171,7 @@ pub fn allocated(path: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn sparse_copy_keeps_content_and_holes() {

@@ -220,15 +220,17 @@ pub enum Data {
     Partial { body: Response },
 }
 
-/// A Glance v2 client.
+/// A Glance v2 client. The HTTP client is built at the first request: building it loads the
+/// system CA store, which a `create` or `fetch` of a cached image never needs.
 pub struct Client {
-    http: Http,
+    settings: HttpSettings,
+    http: std::sync::OnceLock<Http>,
     base: String,
     auth: Option<Arc<dyn TokenSource>>,
 }
 
 impl Client {
-    /// Builds the client; checks the URL and loads `cacert`.
+    /// Builds the client and checks the URL; TLS settings are applied at the first request.
     pub fn new(settings: &Settings) -> Result<Client, Error> {
         let base = settings.url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base).map_err(|e| Error::BadUrl {
@@ -244,10 +246,19 @@ impl Client {
         // Accept an endpoint given with its version suffix too.
         let base = base.strip_suffix("/v2").map(str::to_owned).unwrap_or(base);
         Ok(Client {
-            http: settings.http.client()?,
+            settings: settings.http.clone(),
+            http: std::sync::OnceLock::new(),
             base,
             auth: settings.auth.clone(),
         })
+    }
+
+    fn http(&self) -> Result<&Http, Error> {
+        if let Some(h) = self.http.get() {
+            return Ok(h);
+        }
+        let built = self.settings.client()?;
+        Ok(self.http.get_or_init(|| built))
     }
 
     fn image_url(&self, id: &str) -> String {
@@ -261,11 +272,9 @@ impl Client {
     /// Sends a GET with the current token; after a 401, asks the token source for a new token
     /// once (an expired Keystone token is renewed; a fixed one is not) and resends.
     fn get(&self, url: &str, range: Option<u64>) -> Result<Response, Error> {
+        let http = self.http()?;
         let send = |token: Option<&Secret>| {
-            let mut req = self
-                .http
-                .get(url)
-                .header(header::ACCEPT, "application/json");
+            let mut req = http.get(url).header(header::ACCEPT, "application/json");
             if let Some(t) = token {
                 req = req.header("X-Auth-Token", t.expose());
             }
