@@ -21,12 +21,7 @@ fn eight_processes_fetching_one_image_download_it_once() {
     let expected = format!("img-herd {}\n", path.display());
     let mut waited = 0;
     for o in &outs {
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        crate::support::assert_exit_ok(o);
         assert_eq!(String::from_utf8_lossy(&o.stdout), expected);
         if String::from_utf8_lossy(&o.stderr).contains("waiting for the lock") {
             waited += 1;
@@ -72,12 +67,7 @@ fn sixteen_fetchers_one_download_and_four_by_four_four_downloads() {
     one.pace(Some(Duration::from_millis(10)));
     for c in cache.spawn_fetches(&one.url, "herd16", 16) {
         let o = c.wait_with_output().unwrap();
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        crate::support::assert_exit_ok(&o);
     }
     assert_eq!(one.file_requests().len(), 1);
 
@@ -98,12 +88,7 @@ fn sixteen_fetchers_one_download_and_four_by_four_four_downloads() {
         .collect();
     for c in children {
         let o = c.wait_with_output().unwrap();
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        crate::support::assert_exit_ok(&o);
     }
     let downloads: usize = servers.iter().map(|s| s.file_requests().len()).sum();
     assert_eq!(downloads, 4);

@@ -211,12 +211,7 @@ fn eight_processes_against_real_glance_share_one_entry() {
     let expected = format!("{id} {}\n", cache.base().join(entry_name(&id)).display());
     for c in children {
         let o = c.wait_with_output().unwrap();
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        crate::support::assert_exit_ok(&o);
         assert_eq!(String::from_utf8_lossy(&o.stdout), expected);
     }
     cache.assert_clean_or_complete(Some(&entry_name(&id)));

@@ -175,12 +175,7 @@ fn two_hosts_importing_at_once_share_one_image() {
         .collect();
     for ch in children {
         let o = ch.wait_with_output().unwrap();
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        crate::support::assert_exit_ok(&o);
     }
     let name = format!("imgcache-{}", entry_name(&id));
     let ours: Vec<String> = c

@@ -38,6 +38,17 @@ impl Run {
     }
 }
 
+/// Asserts a child process exited 0, showing its stderr when it did not.
+#[track_caller]
+pub fn assert_exit_ok(o: &Output) {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// A command for the built binary with a clean environment (no OS_* leaking in).
 pub fn imgcache() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgcache"));
