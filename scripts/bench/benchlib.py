@@ -92,18 +92,25 @@ class Contender:
 
 
 class Group:
-    def __init__(self, key, title, size, contenders, ours, intro="", ops=1):
+    """`rounds` caps this group's timed rounds (None: all); `warmup=False` skips the untimed
+    warm-up (for very long runs): the group's `check`s then run after its first timed run."""
+
+    def __init__(self, key, title, size, contenders, ours, intro="", ops=1, rounds=None, warmup=True):
         self.key, self.title, self.size = key, title, size
         self.contenders, self.ours, self.intro, self.ops = contenders, ours, intro, ops
+        self.rounds, self.warmup = rounds, warmup
 
     def get(self, name):
         return next(c for c in self.contenders if c.name == name)
 
 
 def run_rounds(groups, rounds):
-    """Warm-up (+ check) of every contender, then `rounds` rounds; odd rounds run each group's
-    contenders in order, even rounds in reverse order."""
+    """Warm-up (+ check) of every contender, then `rounds` rounds (fewer for a group with its
+    own `rounds`); odd rounds run each group's contenders in order, even rounds in reverse
+    order."""
     for g in groups:
+        if not g.warmup:
+            continue
         for c in g.contenders:
             log(f"warm-up  {g.key}: {c.name}")
             c.run(timed=False)
@@ -113,12 +120,16 @@ def run_rounds(groups, rounds):
                 sh(c.at(c.cleanup), f"cleanup of {c.name}")
     for r in range(1, rounds + 1):
         for g in groups:
+            if g.rounds is not None and r > g.rounds:
+                continue
             order = g.contenders if r % 2 else list(reversed(g.contenders))
             for c in order:
                 wall = c.run(timed=True)
+                if r == 1 and not g.warmup and c.check:
+                    sh(c.at(c.check), f"check of {c.name}")
                 if c.cleanup:
                     sh(c.at(c.cleanup), f"cleanup of {c.name}")
-                log(f"round {r}/{rounds}  {g.key}: {c.name}: {wall:.3f} s")
+                log(f"round {r}/{min(rounds, g.rounds or rounds)}  {g.key}: {c.name}: {wall:.3f} s")
 
 
 def mib(kib):

@@ -1,4 +1,5 @@
-# scripts/bench/common.sh — sourced (not run) by scripts/bench/run-create and run-prune.
+# scripts/bench/common.sh — sourced (not run) by scripts/bench/run-create, run-rbd, run-herd,
+# run-rss and run-prune.
 #
 # Before sourcing, set `name` (the workload's name, for messages). Provides:
 #   here, root          scripts/bench and the repository root
