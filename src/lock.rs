@@ -89,7 +89,9 @@ impl Drop for FileLock {
 }
 
 const POLL_START: Duration = Duration::from_millis(10);
-const POLL_MAX: Duration = Duration::from_millis(200);
+// Waiters poll (fs2 has no timed lock); a short cap lets a herd of fetches return within
+// ~20 ms of the holder finishing.
+const POLL_MAX: Duration = Duration::from_millis(20);
 
 /// Takes an exclusive lock on `path`, creating the file if needed. If another process holds it,
 /// calls `on_wait(what)` once and keeps trying until `timeout` has passed.

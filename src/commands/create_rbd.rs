@@ -57,9 +57,16 @@ pub(crate) fn root_disk(
     let id = &job.args.image;
     let entry = cache::entry_name(id);
 
-    let (parent, base) = match direct_parent(job, &rbd)? {
+    // An image already imported needs no Glance call; then Glance's own rbd location; then an
+    // import.
+    let (parent, base) = match imported_parent(job, &rbd, &entry, false)? {
         Some(found) => found,
-        None => imported_parent(job, &rbd, &entry)?,
+        None => match direct_parent(job, &rbd)? {
+            Some(found) => found,
+            None => imported_parent(job, &rbd, &entry, true)?.context(
+                "the imported image vanished right after its import; run the command again",
+            )?,
+        },
     };
     let size = check_size(root_size, base.virtual_size)?;
     let disk = format!("{}/{inst}_disk", pools.instances_pool);
@@ -82,38 +89,42 @@ pub(crate) fn root_disk(
             rbd: Some(disk.clone()),
         },
     );
-    if let Some(info) = rbd.info(&disk)? {
-        let p = info.get("parent").cloned().unwrap_or(Value::Null);
-        let same_parent = format!(
-            "{}/{}@{}",
-            p.get("pool").and_then(Value::as_str).unwrap_or(""),
-            p.get("image").and_then(Value::as_str).unwrap_or(""),
-            p.get("snapshot").and_then(Value::as_str).unwrap_or("")
-        ) == parent;
-        let same_size = info.get("size").and_then(Value::as_u64) == Some(size);
-        if same_parent && same_size {
-            made.status = "exists";
-            touch_parent(&rbd, &parent);
-            return Ok((base, made));
-        }
-        if !job.args.force {
-            return Err(Error::Exists {
-                path: made.path.clone(),
-                why: format!(
-                    "is not a {size}-byte clone of {parent} (parent {}, size {})",
-                    p,
-                    info.get("size").cloned().unwrap_or(Value::Null)
-                ),
-            }
-            .into());
-        }
-        rbd.rbd(&["rm", "--no-progress", &disk])?;
-        made.status = "replaced";
-    }
     // Mark the parent used before cloning, so a prune elsewhere sees it as fresh; a prune that
     // still removes it meanwhile makes the clone fail (no snapshot), never a broken clone.
     touch_parent(&rbd, &parent);
-    rbd.rbd(&["clone", &parent, &disk])?;
+    // Clone first; only an existing disk (EEXIST) needs a closer look.
+    match rbd.rbd(&["clone", &parent, &disk]) {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(rbd::EEXIST) => {
+            let info = rbd.info(&disk)?.unwrap_or(Value::Null);
+            let p = info.get("parent").cloned().unwrap_or(Value::Null);
+            let same_parent = format!(
+                "{}/{}@{}",
+                p.get("pool").and_then(Value::as_str).unwrap_or(""),
+                p.get("image").and_then(Value::as_str).unwrap_or(""),
+                p.get("snapshot").and_then(Value::as_str).unwrap_or("")
+            ) == parent;
+            if same_parent && info.get("size").and_then(Value::as_u64) == Some(size) {
+                made.status = "exists";
+                return Ok((base, made));
+            }
+            if !job.args.force {
+                return Err(Error::Exists {
+                    path: made.path.clone(),
+                    why: format!(
+                        "is not a {size}-byte clone of {parent} (parent {}, size {})",
+                        p,
+                        info.get("size").cloned().unwrap_or(Value::Null)
+                    ),
+                }
+                .into());
+            }
+            rbd.rbd(&["rm", "--no-progress", &disk])?;
+            rbd.rbd(&["clone", &parent, &disk])?;
+            made.status = "replaced";
+        }
+        Err(e) => return Err(e.into()),
+    }
     if size > base.virtual_size {
         let result = rbd.rbd(&[
             "resize",
@@ -193,8 +204,14 @@ fn direct_parent(job: &Job<'_>, rbd: &Rbd) -> Result<Option<(String, Base)>> {
     )))
 }
 
-/// The image imported into the images pool (importing it now if no host has).
-fn imported_parent(job: &Job<'_>, rbd: &Rbd, entry: &str) -> Result<(String, Base)> {
+/// The image imported into the images pool; if no host has imported it yet, `None` unless
+/// `import` is set, in which case it is imported now.
+fn imported_parent(
+    job: &Job<'_>,
+    rbd: &Rbd,
+    entry: &str,
+    import: bool,
+) -> Result<Option<(String, Base)>> {
     let pool = &job.args.rbd.images_pool;
     let name = rbd::image_name(entry);
     let image = format!("{pool}/{name}");
@@ -213,7 +230,7 @@ fn imported_parent(job: &Job<'_>, rbd: &Rbd, entry: &str) -> Result<(String, Bas
                     .map(|i| i.properties())
             })
             .unwrap_or_default();
-        return Ok((
+        return Ok(Some((
             parent,
             Base {
                 name: entry.to_owned(),
@@ -223,7 +240,10 @@ fn imported_parent(job: &Job<'_>, rbd: &Rbd, entry: &str) -> Result<(String, Bas
                 image_id: Some(job.args.image.clone()),
                 properties,
             },
-        ));
+        )));
+    }
+    if !import {
+        return Ok(None);
     }
     // Fetch locally (raw, verified, inspected), then import.
     let opts = crate::fetch::Options {
@@ -283,7 +303,7 @@ fn imported_parent(job: &Job<'_>, rbd: &Rbd, entry: &str) -> Result<(String, Bas
             base.path.display()
         ));
     }
-    Ok((parent, base))
+    Ok(Some((parent, base)))
 }
 
 /// Removes the local entry after a successful import, unless a local instance uses it.
