@@ -1,12 +1,13 @@
-//! The crash campaign: fetch (raw and qcow2), create (raw and qcow2) and prune are SIGKILLed at
-//! random moments, over and over, on one cache. After every kill: `imgcache verify` passes, no
+//! The crash campaign: fetch (raw and qcow2), create (raw and qcow2) and prune, against the real
+//! Glance, are SIGKILLed at random moments, over and over, on one cache. After every kill: `imgcache verify` passes, no
 //! instance disk points at a missing base, and rerunning the same command completes. At the end
 //! the leftovers (temp files of killed runs) are gone after one prune.
 
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::fault_server::{FaultServer, Image};
+use crate::support::glance::real;
+use crate::support::proxy::Proxy;
 use crate::support::{Cache, imgcache, make_qcow2, run, test_bytes};
 
 struct Rng(u64);
@@ -52,21 +53,24 @@ fn broken_disks(instances: &Path) -> Vec<String> {
 
 #[test]
 fn sigkill_at_random_points_never_corrupts_the_cache() {
+    // The real Glance, behind a throttling proxy (64 KiB every 4 ms: ~130 ms per image) so
+    // that kills land during the download as well as during conversion and disk creation.
+    let g = real();
     let tmp = tempfile::tempdir().unwrap();
-    let mut raw_img = Image::raw("any", test_bytes(2 << 20, 31));
-    raw_img.any_id = true;
-    let raw_srv = FaultServer::start(raw_img);
+    let raw_file = tmp.path().join("plain.raw");
+    std::fs::write(&raw_file, test_bytes(2 << 20, 31)).unwrap();
     let mut disk = test_bytes(2 << 20, 32);
     disk.resize(24 << 20, 0);
     let (_, qcow) = make_qcow2(tmp.path(), "crash", &disk);
-    let mut q = Image::raw("any", std::fs::read(&qcow).unwrap());
-    q.disk_format = "qcow2".into();
-    q.any_id = true;
-    let q_srv = FaultServer::start(q);
-    for s in [&raw_srv, &q_srv] {
-        // ~130 ms per download, so kills land during download, convert and disk creation.
-        s.pace(Some(Duration::from_millis(4)));
-    }
+    // Every run gets an image of its own, so every fetch really downloads.
+    let images: Vec<String> = (0..75)
+        .map(|i| match i % 5 {
+            0 | 2 => g.upload(&format!("crash-{i}"), "raw", &raw_file),
+            1 | 3 => g.upload(&format!("crash-{i}"), "qcow2", &qcow),
+            _ => String::new(),
+        })
+        .collect();
+    let proxy = Proxy::start(&g.url, Duration::from_millis(4), None);
     let cache = Cache::new();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -86,23 +90,18 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
     for i in 0..75 {
         let op = i % ops.len();
         let mut cmd = match ops[op] {
-            "fetch-raw" => {
-                let mut c = cache.fetch(&raw_srv.url);
-                c.arg(format!("img-{i}"));
-                c
-            }
-            "fetch-qcow2" => {
-                let mut c = cache.fetch(&q_srv.url);
-                c.arg(format!("img-{i}"));
+            "fetch-raw" | "fetch-qcow2" => {
+                let mut c = cache.fetch(&proxy.url);
+                c.arg(&images[i]);
                 c
             }
             "create-raw" => {
-                let mut c = cache.create(&raw_srv.url, &format!("vm-{i}"), &format!("img-{i}"));
+                let mut c = cache.create(&proxy.url, &format!("vm-{i}"), &images[i]);
                 c.args(["--backend", "raw", "--size", "32M"]);
                 c
             }
             "create-qcow2" => {
-                let mut c = cache.create(&q_srv.url, &format!("vm-{i}"), &format!("img-{i}"));
+                let mut c = cache.create(&proxy.url, &format!("vm-{i}"), &images[i]);
                 c.args(["--backend", "qcow2", "--size", "32M"]);
                 c
             }

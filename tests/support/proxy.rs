@@ -110,7 +110,15 @@ fn relay(
     let mut sent = 0u64;
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = resp.read(&mut buf)?;
+        // Whole 64 KiB chunks (upstream reads can be much smaller), one per `pace`.
+        let mut n = 0;
+        while n < buf.len() {
+            let k = resp.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
         if n == 0 {
             return Ok(());
         }
