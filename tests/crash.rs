@@ -87,21 +87,21 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
         "prune",
     ];
     let mut landed = [0u32; 5];
-    for i in 0..75 {
+    for (i, image) in images.iter().enumerate() {
         let op = i % ops.len();
         let mut cmd = match ops[op] {
             "fetch-raw" | "fetch-qcow2" => {
                 let mut c = cache.fetch(&proxy.url);
-                c.arg(&images[i]);
+                c.arg(image);
                 c
             }
             "create-raw" => {
-                let mut c = cache.create(&proxy.url, &format!("vm-{i}"), &images[i]);
+                let mut c = cache.create(&proxy.url, &format!("vm-{i}"), image);
                 c.args(["--backend", "raw", "--size", "32M"]);
                 c
             }
             "create-qcow2" => {
-                let mut c = cache.create(&proxy.url, &format!("vm-{i}"), &images[i]);
+                let mut c = cache.create(&proxy.url, &format!("vm-{i}"), image);
                 c.args(["--backend", "qcow2", "--size", "32M"]);
                 c
             }
