@@ -336,11 +336,21 @@ pub struct RbdArgs {
     pub ceph_keyring: Option<std::path::PathBuf>,
 
     /// Pool holding imported images.
-    #[arg(long, env = "IMGCACHE_IMAGES_POOL", default_value = "images", value_name = "POOL")]
+    #[arg(
+        long,
+        env = "IMGCACHE_IMAGES_POOL",
+        default_value = "images",
+        value_name = "POOL"
+    )]
     pub images_pool: String,
 
     /// Pool holding instance disks (clones).
-    #[arg(long, env = "IMGCACHE_INSTANCES_POOL", default_value = "vms", value_name = "POOL")]
+    #[arg(
+        long,
+        env = "IMGCACHE_INSTANCES_POOL",
+        default_value = "vms",
+        value_name = "POOL"
+    )]
     pub instances_pool: String,
 
     /// Longest any single rbd/ceph command may run (imports of big images need long).
