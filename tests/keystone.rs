@@ -272,8 +272,9 @@ fn token_expiring_during_a_slow_fetch_is_renewed_and_the_download_resumes() {
     let f = tmp.path().join("slow");
     std::fs::write(&f, &data).unwrap();
     let id = s.upload("ks-slow", "raw", &f);
-    // 96 chunks of 64 KiB at 280 ms each ≈ 27 s; cut after 4 MiB (≈ 18 s).
-    let proxy = Proxy::start(&s.glance, Duration::from_millis(280), Some(4 << 20));
+    // 96 chunks of 64 KiB at 280 ms each ≈ 27 s; cut after 5.5 MiB (88 chunks ≈ 24.6 s), well
+    // after the 20 s token has expired, so the resume request must renew it.
+    let proxy = Proxy::start(&s.glance, Duration::from_millis(280), Some(11 << 19));
     let mut env = s.env_file("openrc");
     env.insert("OS_IMAGE_URL".into(), proxy.url.clone());
     let cache = Cache::new();
