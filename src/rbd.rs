@@ -228,8 +228,32 @@ impl Rbd {
             Err(e) if matches!(e.code(), Some(ENOENT) | Some(22)) => {}
             Err(e) => return Err(e),
         }
-        self.rbd(&["snap", "purge", "--no-progress", image_spec])?;
-        self.rbd(&["rm", "--no-progress", image_spec]).map(drop)
+        // `snap purge` exits 0 even when it could not remove a snapshot, and right after a
+        // concurrent import the image can still be settling: check, and try a few times.
+        let mut last = None;
+        for attempt in 0..5 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 * attempt));
+                let _ = self.rbd(&["snap", "unprotect", &snap]);
+            }
+            let _ = self.rbd(&["snap", "purge", "--no-progress", image_spec]);
+            match self.rbd(&["rm", "--no-progress", image_spec]) {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ENOENT) => return Ok(()),
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            }
+            if self.info(image_spec)?.is_none() {
+                return Ok(());
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Failed {
+            cmd: format!("rbd rm {image_spec}"),
+            code: -1,
+            stderr: "the image is still listed after removal".into(),
+        }))
     }
 }
 

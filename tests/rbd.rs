@@ -165,7 +165,7 @@ fn two_hosts_importing_at_once_share_one_image() {
         .enumerate()
         .map(|(i, h)| {
             h.create(&g.url, &format!("vm-race{i}"), &id)
-                .args(["--backend", "rbd", "--ceph-conf"])
+                .args(["-v", "--backend", "rbd", "--ceph-conf"])
                 .arg(&c.conf)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -173,9 +173,11 @@ fn two_hosts_importing_at_once_share_one_image() {
                 .unwrap()
         })
         .collect();
+    let mut logs = String::new();
     for ch in children {
         let o = ch.wait_with_output().unwrap();
         crate::support::assert_exit_ok(&o);
+        logs.push_str(&String::from_utf8_lossy(&o.stderr));
     }
     let name = format!("imgcache-{}", entry_name(&id));
     let ours: Vec<String> = c
