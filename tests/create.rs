@@ -95,15 +95,7 @@ fn raw_copy_of_a_sparse_base_stays_sparse() {
     std::io::Write::write_all(&mut f, &data).unwrap();
     drop(f);
     let qcow = tmp.path().join("big.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    crate::support::raw_to_qcow2(&raw, &qcow);
     let id = g.upload("sparse-2g", "qcow2", &qcow);
     let cache = Cache::new();
     run(cache

@@ -60,7 +60,13 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u64, SystemTime, String)> {
 }
 
 fn overlay(disk: &Path, backing: &str) {
-    qemu_img(&[
+    overlay_of(disk, backing, "raw", "64M");
+}
+
+/// `qemu-img create -f qcow2 -b BACKING -F FMT DISK [SIZE]`.
+fn overlay_of(disk: &Path, backing: &str, backing_fmt: &str, size: &str) {
+    let disk = disk.to_str().unwrap();
+    let mut args = vec![
         "create",
         "-q",
         "-f",
@@ -68,10 +74,13 @@ fn overlay(disk: &Path, backing: &str) {
         "-b",
         backing,
         "-F",
-        "raw",
-        disk.to_str().unwrap(),
-        "64M",
-    ]);
+        backing_fmt,
+        disk,
+    ];
+    if !size.is_empty() {
+        args.push(size);
+    }
+    qemu_img(&args);
 }
 
 #[test]
@@ -145,17 +154,7 @@ fn in_use_by_records_backing_files_chains_and_keep() {
     );
     let chain = inst("vm-chain");
     overlay(&chain.join("disk.snap"), paths[3].to_str().unwrap());
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "disk.snap",
-        "-F",
-        "qcow2",
-        chain.join("disk").to_str().unwrap(),
-    ]);
+    overlay_of(&chain.join("disk"), "disk.snap", "qcow2", "");
     // 4: --keep; 5: --keep-from; 6: unused.
     let keep_file = cache.instances().join("keep.txt");
     std::fs::write(&keep_file, "# exported from nova\nimg-5\n\n").unwrap();

@@ -233,14 +233,19 @@ pub fn make_qcow2(dir: &Path, name: &str, raw: &[u8]) -> (PathBuf, PathBuf) {
     let raw_path = dir.join(format!("{name}.raw"));
     let qcow_path = dir.join(format!("{name}.qcow2"));
     std::fs::write(&raw_path, raw).expect("write raw");
+    raw_to_qcow2(&raw_path, &qcow_path);
+    (raw_path, qcow_path)
+}
+
+/// `qemu-img convert -f raw -O qcow2 SRC DST`.
+pub fn raw_to_qcow2(src: &Path, dst: &Path) {
     qemu_img(&[
         "convert",
         "-f",
         "raw",
         "-O",
         "qcow2",
-        raw_path.to_str().expect("utf8"),
-        qcow_path.to_str().expect("utf8"),
+        src.to_str().expect("utf8"),
+        dst.to_str().expect("utf8"),
     ]);
-    (raw_path, qcow_path)
 }
