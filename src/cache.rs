@@ -1,21 +1,26 @@
-//! The cache layout under `instances_path`: `_base/<sha1(image id)>` entries, their `.part` and
-//! `.converted` temp files, the `.info` record beside each entry, and `locks/` for lock files.
-//! Also owns atomic persistence (fsync file, rename, fsync directory) and image-id validation.
+//! The cache layout under `instances_path` and its typed entries: `_base/<name>` with its
+//! `.part` and `.converted` temp files and its `.info` record, `locks/` with one lock file per
+//! entry and per instance. An [`Entry`] knows its paths, locks itself, reads and writes its
+//! record, and owns the one remove-under-lock protocol. Also image-id validation and the content
+//! digest records keep.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs::Metadata;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
 use crate::error::UsageError;
+use crate::fsutil;
 use crate::lock::{self, FileLock};
+use crate::progress::Reporter;
 
 /// Prefix of lock file names in `locks/`, followed by the entry name.
 pub const LOCK_PREFIX: &str = "imgcache-";
+/// Prefix (after [`LOCK_PREFIX`]) of instance lock names.
+pub const INSTANCE_LOCK_PREFIX: &str = "instance-";
 /// Suffix of a download in progress (resumable).
 pub const PART_SUFFIX: &str = ".part";
 /// Suffix of a conversion in progress (never resumed: removed when found under the lock).
@@ -101,7 +106,7 @@ impl Cache {
     /// Creates `_base` and `locks/` if missing.
     pub fn ensure_dirs(&self) -> Result<()> {
         for dir in [&self.base, &self.locks] {
-            fs::create_dir_all(dir).with_context(|| {
+            fsutil::create_dirs(dir).with_context(|| {
                 format!(
                     "cannot create cache directory {}; check --instances-path and its permissions",
                     dir.display()
@@ -111,73 +116,157 @@ impl Cache {
         Ok(())
     }
 
-    /// The entry file for a name.
-    pub fn entry_path(&self, name: &str) -> PathBuf {
-        self.base.join(name)
+    /// The entry `_base/<name>` (an image's sha1, a template's name).
+    pub fn entry(&self, name: &str) -> Entry<'_> {
+        Entry {
+            cache: self,
+            name: name.to_owned(),
+        }
     }
 
-    /// The resumable download of an entry.
-    pub fn part_path(&self, name: &str) -> PathBuf {
-        self.base.join(format!("{name}{PART_SUFFIX}"))
+    /// The entry of an image id (validated).
+    pub fn image(&self, id: &str) -> Result<Entry<'_>, UsageError> {
+        validate_id("image id", id)?;
+        Ok(self.entry(&entry_name(id)))
     }
 
-    /// The conversion output of an entry.
-    pub fn converted_path(&self, name: &str) -> PathBuf {
-        self.base.join(format!("{name}{CONVERTED_SUFFIX}"))
-    }
-
-    /// The record beside an entry.
-    pub fn record_path(&self, name: &str) -> PathBuf {
-        self.base.join(format!("{name}{RECORD_SUFFIX}"))
-    }
-
-    /// The lock file of an entry.
+    /// The lock file `locks/imgcache-<name>`.
     pub fn lock_path(&self, name: &str) -> PathBuf {
         self.locks.join(format!("{LOCK_PREFIX}{name}"))
     }
 
-    /// Takes the entry's lock, waiting up to `timeout`; `on_wait` is told once if we must wait.
+    /// The lock file of an instance directory.
+    pub fn instance_lock_path(&self, instance: &str) -> PathBuf {
+        self.lock_path(&format!("{INSTANCE_LOCK_PREFIX}{instance}"))
+    }
+}
+
+/// How to get an entry's lock before removing it.
+#[derive(Clone, Copy)]
+pub enum Wait<'a> {
+    /// Once, without waiting (prune: a held lock means "busy, leave it").
+    No,
+    /// Up to this long, telling the reporter if we must wait.
+    Up(Duration, &'a dyn Reporter),
+}
+
+/// What a remove-under-lock did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    /// Another process held the lock.
+    Busy,
+    /// Under the lock the entry was no longer what the caller decided on (gone, replaced,
+    /// touched); nothing was removed.
+    Changed,
+}
+
+/// One entry of the cache: `_base/<name>` and everything that belongs to it.
+#[derive(Debug, Clone)]
+pub struct Entry<'c> {
+    cache: &'c Cache,
+    name: String,
+}
+
+impl Entry<'_> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The entry file.
+    pub fn path(&self) -> PathBuf {
+        self.cache.base.join(&self.name)
+    }
+
+    /// The resumable download of the entry.
+    pub fn part_path(&self) -> PathBuf {
+        self.sibling(PART_SUFFIX)
+    }
+
+    /// The conversion output of the entry.
+    pub fn converted_path(&self) -> PathBuf {
+        self.sibling(CONVERTED_SUFFIX)
+    }
+
+    /// The record beside the entry.
+    pub fn record_path(&self) -> PathBuf {
+        self.sibling(RECORD_SUFFIX)
+    }
+
+    fn sibling(&self, suffix: &str) -> PathBuf {
+        self.cache.base.join(format!("{}{suffix}", self.name))
+    }
+
+    /// The entry's lock file.
+    pub fn lock_path(&self) -> PathBuf {
+        self.cache.lock_path(&self.name)
+    }
+
+    /// True if the entry is a regular file (a symlink there is not an entry).
+    pub fn exists(&self) -> bool {
+        fsutil::is_regular(&self.path())
+    }
+
+    /// Takes the entry's lock, waiting up to `timeout` (saying once on `rep` that we wait for
+    /// `what`).
     pub fn lock(
         &self,
-        name: &str,
         what: &str,
         timeout: Duration,
-        on_wait: &dyn Fn(&str),
+        rep: &dyn Reporter,
     ) -> Result<FileLock, lock::Error> {
-        lock::acquire(&self.lock_path(name), what, timeout, on_wait)
+        lock::acquire(&self.lock_path(), what, timeout, rep)
     }
 
-    /// Reads the record of an entry, if there is one and it parses.
-    pub fn read_record(&self, name: &str) -> Option<Record> {
-        let bytes = fs::read(self.record_path(name)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+    /// True if another process holds the entry's lock. Creates nothing (for `--dry-run`).
+    pub fn is_locked(&self) -> bool {
+        lock::is_held(&self.lock_path())
     }
 
-    /// Returns the entry's record if the entry exists and the record agrees with it (same size).
-    /// An entry without a consistent record is treated as absent by `fetch`, which then rebuilds
-    /// it under the lock.
-    pub fn complete_entry(&self, name: &str) -> Option<Record> {
-        let meta = fs::metadata(self.entry_path(name)).ok()?;
-        let record = self.read_record(name)?;
-        (meta.is_file() && record.entry_size == meta.len()).then_some(record)
+    /// Reads the record, if there is one and it parses.
+    pub fn read_record(&self) -> Option<Record> {
+        fsutil::read_json(&self.record_path())
     }
 
-    /// Writes the record atomically (temp file, fsync, rename). The directory is synced by the
-    /// entry's own [`persist`] that follows.
-    pub fn write_record(&self, name: &str, record: &Record) -> Result<()> {
-        let path = self.record_path(name);
-        let tmp = self.base.join(format!("{name}{RECORD_SUFFIX}.tmp"));
-        let result = (|| -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            serde_json::to_writer_pretty(&mut f, record)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+    /// Writes the record atomically (hidden temp file, fsync, rename, fsync dir).
+    pub fn write_record(&self, record: &Record) -> Result<()> {
+        let path = self.record_path();
+        fsutil::write_json(&path, record)
+            .with_context(|| format!("cannot write record {}", path.display()))
+    }
+
+    /// The one way an entry leaves the cache: take its lock (`wait`), re-check under it with
+    /// `still` on what is at the path now (never a symlink: those are not entries), then remove
+    /// the entry, its record and its lock file, and fsync `_base`. Deleting the lock file while
+    /// holding it is safe: anyone who opened the old inode notices after locking that it is no
+    /// longer at the path and retries (src/lock.rs).
+    pub fn remove_under_lock(
+        &self,
+        what: &str,
+        wait: Wait<'_>,
+        still: impl FnOnce(&Metadata) -> bool,
+    ) -> Result<Removal> {
+        let lock = match wait {
+            Wait::No => match lock::try_acquire(&self.lock_path())? {
+                Some(l) => l,
+                None => return Ok(Removal::Busy),
+            },
+            Wait::Up(timeout, rep) => self.lock(what, timeout, rep)?,
+        };
+        let path = self.path();
+        let current =
+            fsutil::stat(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+        if !current.is_some_and(|m| m.is_file() && still(&m)) {
+            return Ok(Removal::Changed);
         }
-        result.with_context(|| format!("cannot write record {}", path.display()))
+        fsutil::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        let _ = fsutil::remove_file(&self.record_path());
+        if lock.is_current() {
+            let _ = fsutil::remove_file(lock.path());
+        }
+        fsutil::sync_dir(self.cache.base_dir())
+            .with_context(|| format!("cannot sync {}", self.cache.base_dir().display()))?;
+        Ok(Removal::Removed)
     }
 }
 
@@ -224,7 +313,7 @@ pub fn content_digest(path: &Path) -> std::io::Result<String> {
     use std::os::fd::AsRawFd;
 
     static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    let mut file = File::open(path)?;
+    let mut file = fsutil::open_regular(path)?;
     let len = file.metadata()?.len();
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -269,53 +358,10 @@ pub fn content_digest(path: &Path) -> std::io::Result<String> {
     Ok(content_hex(&h))
 }
 
-/// Makes `tmp` durable and atomically visible as `dest`: fsync the file, rename it, fsync the
-/// directory. A crash at any point leaves either no `dest` or a complete one.
-pub fn persist(tmp: &Path, dest: &Path) -> std::io::Result<()> {
-    File::open(tmp)?.sync_all()?;
-    fs::rename(tmp, dest)?;
-    sync_dir(dest.parent().unwrap_or(Path::new(".")))
-}
-
-/// fsyncs a directory so that renames and unlinks in it survive a crash.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Now as seconds since the epoch and as an RFC 3339 UTC string.
-pub fn now_stamp() -> (u64, String) {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    (secs, rfc3339(secs))
-}
-
-/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (proleptic Gregorian), as in Howard Hinnant's date algorithms.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, File};
 
     #[test]
     fn entry_name_is_sha1_of_id() {
@@ -353,13 +399,6 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_known_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_307_045), "2026-11-22T00:24:05Z");
-    }
-
-    #[test]
     fn content_digest_of_sparse_file_equals_digest_of_its_bytes() {
         use std::io::{Seek, SeekFrom, Write};
         let dir = tempfile::tempdir().unwrap();
@@ -378,16 +417,5 @@ mod tests {
             content_digest(&path).unwrap(),
             content_hex(&xxhash_rust::xxh3::Xxh3::new())
         );
-    }
-
-    #[test]
-    fn persist_renames_and_removes_tmp() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("x.part");
-        let dest = dir.path().join("x");
-        fs::write(&tmp, b"data").unwrap();
-        persist(&tmp, &dest).unwrap();
-        assert!(!tmp.exists());
-        assert_eq!(fs::read(&dest).unwrap(), b"data");
     }
 }

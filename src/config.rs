@@ -13,6 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory};
 
 use crate::cli::Cli;
+use crate::commands::config::{Report, Setting};
 use crate::error::UsageError;
 
 /// The default configuration file, read if it exists.
@@ -205,6 +206,73 @@ pub fn explicit_path(argv: &[OsString]) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// The effective value of every key and where it came from, for `config show`. `matches` are
+/// the command line's (before the file was applied); `file` the configuration file, if any.
+pub fn effective(matches: &ArgMatches, file: Option<&File>) -> Report {
+    let cmd = Cli::command();
+    let settings = KEYS
+        .iter()
+        .filter_map(|key| {
+            let id = arg_id(key);
+            let arg = cmd
+                .get_arguments()
+                .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
+                .find(|a| a.get_id() == id)?;
+            let (value, source) = value_and_source(key, arg, matches, file);
+            Some(Setting { key, value, source })
+        })
+        .collect();
+    Report {
+        config_file: file.map(|f| f.path.display().to_string()),
+        settings,
+    }
+}
+
+/// Flag > environment > file > default, as clap and [`inject`] apply them.
+fn value_and_source(
+    key: &str,
+    arg: &clap::Arg,
+    matches: &ArgMatches,
+    file: Option<&File>,
+) -> (Option<String>, String) {
+    let id = arg_id(key);
+    if matches!(source_of(matches, id), Some(ValueSource::CommandLine)) {
+        let value = matches
+            .get_raw(id)
+            .and_then(|mut v| v.next())
+            .map(|v| v.to_string_lossy().into_owned());
+        return (value, "flag".to_owned());
+    }
+    let env = arg
+        .get_env()
+        .map(|e| e.to_string_lossy().into_owned())
+        .filter(|e| std::env::var_os(e).is_some_and(|v| !v.is_empty()));
+    if let Some(var) = env {
+        return (std::env::var(&var).ok(), format!("env:{var}"));
+    }
+    if let Some((f, v)) = file.and_then(|f| f.values.get(key).map(|v| (f, v))) {
+        let value = match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        return (Some(value), format!("file:{}", f.path.display()));
+    }
+    let default: Vec<String> = arg
+        .get_default_values()
+        .iter()
+        .map(|v| v.to_string_lossy().into_owned())
+        .collect();
+    if key == "force_raw" {
+        (Some("true".into()), "default".into())
+    } else if arg.get_action().takes_values() && default.is_empty() {
+        (None, "unset".into())
+    } else if default.is_empty() {
+        (Some("false".into()), "default".into())
+    } else {
+        (Some(default.join(",")), "default".into())
+    }
 }
 
 #[cfg(test)]

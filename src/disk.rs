@@ -1,12 +1,11 @@
-//! File-level disk operations: reflink-or-sparse copy, extend, preallocate, allocated size.
-//! The copy writes only the source's data extents (SEEK_DATA/SEEK_HOLE + copy_file_range), so a
-//! 20 GiB raw base holding 1 GiB of data costs 1 GiB of I/O and of disk, like `cp --sparse`.
+//! File-level disk operations on open files: reflink-or-sparse copy and preallocation. The copy
+//! writes only the source's data extents (SEEK_DATA/SEEK_HOLE + copy_file_range), so a 20 GiB
+//! raw base holding 1 GiB of data costs 1 GiB of I/O and of disk, like `cp --sparse`. Opening
+//! the files is the caller's business, through [`crate::fsutil`].
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
 
 /// How a copy was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,21 +26,15 @@ impl CopyMethod {
     }
 }
 
-/// Copies `src` to a new file `dst` (which must not exist), keeping holes.
-pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<CopyMethod> {
-    let input = File::open(src)?;
+/// Copies `input` into the empty file `output`, keeping holes; `output` ends as long as `input`.
+pub fn copy_sparse(input: &File, output: &File) -> io::Result<CopyMethod> {
     let len = input.metadata()?.len();
-    let output = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(dst)?;
     // SAFETY: FICLONE takes the source descriptor as its argument; both stay open.
     let cloned = unsafe { libc::ioctl(output.as_raw_fd(), libc::FICLONE, input.as_raw_fd()) };
     if cloned == 0 {
         return Ok(CopyMethod::Reflink);
     }
-    copy_extents(&input, &output, len, is_network_fs(&output))?;
+    copy_extents(input, output, len, is_network_fs(output))?;
     output.set_len(len)?;
     Ok(CopyMethod::Sparse)
 }
@@ -144,8 +137,7 @@ fn read_write(input: &File, output: &File, off: u64, n: u64) -> io::Result<()> {
 
 /// Allocates the whole file. `keep_size` allocates past EOF without changing the size (for a
 /// qcow2 that will grow into it). Returns false when the filesystem cannot preallocate.
-pub fn preallocate(path: &Path, len: u64, keep_size: bool) -> io::Result<bool> {
-    let f = OpenOptions::new().write(true).open(path)?;
+pub fn preallocate(f: &File, len: u64, keep_size: bool) -> io::Result<bool> {
     let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     let mode = if keep_size {
         libc::FALLOC_FL_KEEP_SIZE
@@ -163,15 +155,24 @@ pub fn preallocate(path: &Path, len: u64, keep_size: bool) -> io::Result<bool> {
     }
 }
 
-/// Bytes actually allocated on disk (st_blocks × 512).
-pub fn allocated(path: &Path) -> io::Result<u64> {
-    Ok(std::fs::symlink_metadata(path)?.blocks() * 512)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    fn copy(src: &Path, dst: &Path) -> io::Result<CopyMethod> {
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dst)?;
+        copy_sparse(&File::open(src)?, &out)
+    }
+
+    fn allocated(p: &Path) -> io::Result<u64> {
+        Ok(std::fs::metadata(p)?.blocks() * 512)
+    }
 
     #[test]
     fn sparse_copy_keeps_content_and_holes() {
@@ -183,18 +184,13 @@ mod tests {
         f.set_len(256 << 20).unwrap();
         drop(f);
         let dst = dir.path().join("dst");
-        copy_sparse(&src, &dst).unwrap();
+        copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         // Allocated size stays near the 1 MiB of data, not the 256 MiB apparent size.
         assert!(
             allocated(&dst).unwrap() < 8 << 20,
             "{}",
             allocated(&dst).unwrap()
-        );
-        // The destination must be new.
-        assert_eq!(
-            copy_sparse(&src, &dst).unwrap_err().kind(),
-            io::ErrorKind::AlreadyExists
         );
     }
 
@@ -203,11 +199,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a");
         std::fs::write(&a, b"").unwrap();
-        copy_sparse(&a, &dir.path().join("a2")).unwrap();
+        copy(&a, &dir.path().join("a2")).unwrap();
         assert_eq!(std::fs::read(dir.path().join("a2")).unwrap(), b"");
         let b = dir.path().join("b");
         std::fs::write(&b, vec![7u8; 300_001]).unwrap();
-        copy_sparse(&b, &dir.path().join("b2")).unwrap();
+        copy(&b, &dir.path().join("b2")).unwrap();
         assert_eq!(
             std::fs::read(dir.path().join("b2")).unwrap(),
             vec![7u8; 300_001]

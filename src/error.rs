@@ -1,10 +1,11 @@
-//! Error kinds and the exit codes they map to. Library modules keep their own typed errors; each
-//! one names its [`Kind`], and `main` walks an error chain to find the first kind it knows.
+//! Error kinds and the exit codes they map to, I/O error classification and the one error-chain
+//! formatter. Ground floor: imports nothing of ours. Library modules keep their own typed errors,
+//! each with a `kind()` method; `commands::kind_of` walks a chain to find the first kind it knows.
 
 use std::fmt;
 
 /// What went wrong, as far as the exit code is concerned. The numbers are part of the interface:
-/// scripts and cron jobs branch on them (see docs/exit-codes.md and `imgcache --help`).
+/// scripts and cron jobs branch on them (see docs/usage.md and `imgcache --help`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// Anything without a more specific code (an I/O error on the cache, a bug).
@@ -107,57 +108,17 @@ impl fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-/// Finds the kind of an error by walking its chain, outermost first.
-pub fn kind_of(err: &anyhow::Error) -> Kind {
-    for cause in err.chain() {
-        if let Some(kind) = kind_of_cause(cause) {
-            return kind;
-        }
+/// The exit-code kind an I/O error on the cache has of its own: a full filesystem or quota, or a
+/// directory that cannot be written (read-only filesystem, permissions). `None` for the rest.
+pub fn io_kind(e: &std::io::Error) -> Option<Kind> {
+    if is_no_space(e) {
+        return Some(Kind::NoSpace);
     }
-    Kind::Other
-}
-
-fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
-    if cause.is::<UsageError>() {
-        return Some(Kind::Usage);
-    }
-    if let Some(e) = cause.downcast_ref::<crate::glance::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::lock::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::inspect::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::qemu_img::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::fetch::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::openstack::keystone::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::rbd::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::templates::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<crate::commands::create::Error>() {
-        return Some(e.kind());
-    }
-    if let Some(e) = cause.downcast_ref::<std::io::Error>() {
-        if is_no_space(e) {
-            return Some(Kind::NoSpace);
-        }
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::EROFS | libc::EACCES | libc::EPERM)
-        ) {
-            return Some(Kind::NotWritable);
-        }
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EROFS | libc::EACCES | libc::EPERM)
+    ) {
+        return Some(Kind::NotWritable);
     }
     None
 }
@@ -167,3 +128,28 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
         || e.kind() == std::io::ErrorKind::StorageFull
 }
+
+/// An error chain on one line, outermost first: `outer: inner: innermost`. The one format every
+/// message that carries a chain uses.
+pub fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// An error that arrives with its kind already decided (a token source's failure, handed across
+/// a trait boundary that cannot name the source's own error type).
+#[derive(Debug)]
+pub struct Classified {
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl fmt::Display for Classified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Classified {}

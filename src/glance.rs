@@ -2,7 +2,6 @@
 //! (`GET /v2/images/{id}/file`, optionally from a `Range` offset), and the classification of
 //! every failure into "retry" or "give up" with its exit-code kind.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +11,8 @@ use reqwest::blocking::{Client as Http, Response};
 use reqwest::header::{self, HeaderMap};
 use serde::Deserialize;
 
-use crate::error::Kind;
-use crate::openstack::Secret;
+use crate::error::{Classified, Kind};
+use crate::http::{self, HttpSettings, Secret, TokenSource};
 
 /// Characters left as they are in an image id path segment (RFC 3986 unreserved).
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -48,8 +47,8 @@ pub enum Error {
     BadRecord { id: String, detail: String },
     #[error("invalid Glance URL {url:?}: {detail}; pass e.g. --glance-url http://controller:9292")]
     BadUrl { url: String, detail: String },
-    #[error("cannot read CA certificate {path}: {detail}")]
-    CaCert { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Http(#[from] http::Error),
     #[error("{detail}")]
     Credentials { kind: Kind, detail: String },
 }
@@ -64,7 +63,8 @@ impl Error {
             Error::Status { .. } | Error::Transport { .. } | Error::BadRecord { .. } => {
                 Kind::Unavailable
             }
-            Error::BadUrl { .. } | Error::CaCert { .. } => Kind::Usage,
+            Error::BadUrl { .. } => Kind::Usage,
+            Error::Http(e) => e.kind(),
             Error::Credentials { kind, .. } => *kind,
         }
     }
@@ -85,64 +85,6 @@ impl Error {
             Error::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
-    }
-}
-
-/// Supplies the `X-Auth-Token` for Glance requests.
-pub trait TokenSource: Send + Sync {
-    /// The current token (authenticating first if needed).
-    fn token(&self) -> Result<Secret, anyhow::Error>;
-    /// Called once after Glance rejected `rejected` with 401: a new token if this source can
-    /// re-authenticate (an expired token mid-run), `None` if it cannot (a fixed token).
-    fn renew(&self, rejected: &Secret) -> Result<Option<Secret>, anyhow::Error>;
-}
-
-/// A token given as it is (`--token`, `OS_AUTH_TOKEN`): never renewed.
-pub struct StaticToken(pub Secret);
-
-impl TokenSource for StaticToken {
-    fn token(&self) -> Result<Secret, anyhow::Error> {
-        Ok(self.0.clone())
-    }
-
-    fn renew(&self, _: &Secret) -> Result<Option<Secret>, anyhow::Error> {
-        Ok(None)
-    }
-}
-
-/// TLS and timeouts, shared by the Glance and Keystone clients.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    pub cacert: Option<PathBuf>,
-    pub insecure: bool,
-    pub connect_timeout: Duration,
-    /// Longest silence allowed while waiting for a response or for the next bytes of a body.
-    pub read_timeout: Duration,
-}
-
-impl HttpSettings {
-    /// A blocking HTTP client with these settings.
-    pub fn client(&self) -> Result<Http, Error> {
-        let mut builder = Http::builder()
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.read_timeout)
-            .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
-            .danger_accept_invalid_certs(self.insecure);
-        if let Some(path) = &self.cacert {
-            let pem = std::fs::read(path).map_err(|e| Error::CaCert {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| Error::CaCert {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            builder = builder.add_root_certificate(cert);
-        }
-        builder.build().map_err(|e| Error::BadUrl {
-            url: String::new(),
-            detail: e.to_string(),
-        })
     }
 }
 
@@ -311,7 +253,10 @@ impl Client {
         if !status.is_success() {
             return Err(status_error(&url, resp));
         }
-        let bytes = resp.bytes().map_err(|e| transport(&url, &e))?;
+        let bytes = http::read_capped(resp, http::MAX_DOCUMENT).map_err(|e| Error::BadRecord {
+            id: id.to_owned(),
+            detail: e.to_string(),
+        })?;
         serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
             id: id.to_owned(),
             detail: e.to_string(),
@@ -363,41 +308,16 @@ fn content_range_start(headers: &HeaderMap) -> Option<u64> {
 fn transport(url: &str, e: &reqwest::Error) -> Error {
     Error::Transport {
         url: url.to_owned(),
-        detail: describe(e),
+        detail: http::describe(e),
     }
 }
 
 /// A failure of the token source (Keystone), with its own exit-code kind.
-fn credentials(e: anyhow::Error) -> Error {
+fn credentials(e: Classified) -> Error {
     Error::Credentials {
-        kind: crate::error::kind_of(&e),
-        detail: e
-            .chain()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(": "),
+        kind: e.kind,
+        detail: e.message,
     }
-}
-
-/// One line naming what went wrong with a request: reqwest's Display omits the cause ("error
-/// sending request"), so the chain is included (connection refused, timed out, certificate).
-pub fn describe(e: &reqwest::Error) -> String {
-    let mut detail = String::from(if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "response body failed"
-    } else {
-        "request failed"
-    });
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    detail
 }
 
 fn status_error(url: &str, resp: Response) -> Error {
@@ -414,7 +334,7 @@ fn status_error(url: &str, resp: Response) -> Error {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let body = resp.text().unwrap_or_default();
+    let body = http::error_text(resp, http::MAX_ERROR_BODY);
     Error::Status {
         url: url.to_owned(),
         status,

@@ -1,17 +1,19 @@
 //! Instance directories under `instances_path`: name checks that keep every path inside it, the
-//! usage record (`imgcache.json`) that tells prune which `_base` entries an instance needs, and
-//! Nova's `disk.info`.
+//! instance's lock, the usage record (`imgcache.json`) that tells prune which `_base` entries an
+//! instance needs, and Nova's `disk.info`.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{self, Cache};
 use crate::error::UsageError;
+use crate::fsutil;
+use crate::lock::{self, FileLock};
+use crate::progress::Reporter;
 
 /// The usage record in each instance directory.
 pub const RECORD_FILE: &str = "imgcache.json";
@@ -23,6 +25,7 @@ pub const DISK_INFO_FILE: &str = "disk.info";
 pub struct Instance {
     pub name: String,
     pub dir: PathBuf,
+    lock_path: PathBuf,
 }
 
 impl Instance {
@@ -44,29 +47,37 @@ impl Instance {
         Ok(Instance {
             name: name.to_owned(),
             dir: cache.instances_dir().join(name),
+            lock_path: cache.instance_lock_path(name),
         })
+    }
+
+    /// Takes the instance's lock (create and delete hold it), waiting up to `timeout`.
+    pub fn lock(&self, timeout: Duration, rep: &dyn Reporter) -> Result<FileLock, lock::Error> {
+        lock::acquire(
+            &self.lock_path,
+            &format!("instance {}", self.name),
+            timeout,
+            rep,
+        )
     }
 
     /// Creates the directory if missing. Returns true if this call created it. A symlink or a
     /// non-directory at the path is refused: an instance directory never leads elsewhere.
     pub fn ensure_dir(&self) -> Result<bool> {
-        match fs::symlink_metadata(&self.dir) {
-            Ok(m) if m.is_dir() => Ok(false),
-            Ok(m) if m.file_type().is_symlink() => Err(UsageError(format!(
+        match fsutil::stat(&self.dir) {
+            Ok(Some(m)) if m.is_dir() => Ok(false),
+            Ok(Some(m)) if m.file_type().is_symlink() => Err(UsageError(format!(
                 "{} is a symlink; instance directories must be real directories inside the instances path",
                 self.dir.display()
             ))
             .into()),
-            Ok(_) => Err(UsageError(format!(
+            Ok(Some(_)) => Err(UsageError(format!(
                 "{} exists and is not a directory; remove it or pick another instance name",
                 self.dir.display()
             ))
             .into()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir(&self.dir)
-                    .with_context(|| format!("cannot create {}", self.dir.display()))?;
-                Ok(true)
-            }
+            Ok(None) => fsutil::create_dir(&self.dir)
+                .with_context(|| format!("cannot create {}", self.dir.display())),
             Err(e) => Err(anyhow::Error::new(e).context(format!("cannot stat {}", self.dir.display()))),
         }
     }
@@ -76,17 +87,12 @@ impl Instance {
         self.dir.join(name)
     }
 
-    /// Removes `.<name>.tmp-<pid>` files a killed run left (call under the instance lock).
+    /// Removes `.<name>.tmp-<random>` files a killed run left (call under the instance lock).
     pub fn remove_stale_temps(&self) {
-        let Ok(rd) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
+        for (name, path, meta) in fsutil::list(&self.dir).unwrap_or_default() {
             let ours = name.starts_with('.') && name.contains(".tmp-");
-            let is_file = e.file_type().is_ok_and(|t| t.is_file());
-            if ours && is_file {
-                let _ = fs::remove_file(e.path());
+            if ours && meta.is_file() {
+                let _ = fsutil::remove_file(&path);
             }
         }
     }
@@ -99,6 +105,11 @@ impl Instance {
     /// Writes the usage record atomically.
     pub fn write_record(&self, record: &Record) -> Result<()> {
         write_json(&self.file(RECORD_FILE), record)
+    }
+
+    /// Removes the directory if it is empty (a failed create that made it).
+    pub fn remove_if_empty(&self) {
+        let _ = fsutil::remove_empty_dir(&self.dir);
     }
 
     /// Writes Nova's `disk.info`: `{"<absolute disk path>": "raw"|"qcow2"}`.
@@ -117,10 +128,9 @@ impl Instance {
     }
 }
 
-/// Reads `dir/imgcache.json`.
+/// Reads `dir/imgcache.json` (bounded, regular files only).
 pub fn read_record(dir: &Path) -> Option<Record> {
-    let bytes = fs::read(dir.join(RECORD_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    fsutil::read_json(&dir.join(RECORD_FILE))
 }
 
 /// What an instance uses, written by `create`, read by `prune`.
@@ -150,60 +160,8 @@ pub struct DiskRecord {
 }
 
 /// Writes JSON to `path` atomically (temp file, fsync, rename, fsync dir).
-pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        serde_json::to_writer_pretty(&mut f, value)?;
-        f.write_all(b"\n")?;
-        drop(f);
-        cache::persist(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// A file this run is building; removed on drop unless [`TempFile::keep`] was called.
-pub struct TempFile {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl TempFile {
-    /// A temporary name in `dir` for the final file `name` (hidden, per process).
-    pub fn new(dir: &Path, name: &str) -> TempFile {
-        TempFile {
-            path: dir.join(format!(".{name}.tmp-{}", std::process::id())),
-            armed: true,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// fsyncs, renames into `dest`, fsyncs the directory; the file is no longer ours to remove.
-    pub fn persist(mut self, dest: &Path) -> Result<()> {
-        cache::persist(&self.path, dest)
-            .with_context(|| format!("cannot move {} into place", dest.display()))?;
-        self.armed = false;
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    fsutil::write_json(path, value).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
@@ -230,19 +188,5 @@ mod tests {
         let i = Instance::resolve(&cache, "evil").unwrap();
         let e = i.ensure_dir().unwrap_err().to_string();
         assert!(e.contains("symlink"), "{e}");
-    }
-
-    #[test]
-    fn temp_file_is_removed_unless_persisted() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = TempFile::new(dir.path(), "disk");
-        fs::write(t.path(), b"x").unwrap();
-        let p = t.path().to_owned();
-        drop(t);
-        assert!(!p.exists());
-        let t = TempFile::new(dir.path(), "disk");
-        fs::write(t.path(), b"y").unwrap();
-        t.persist(&dir.path().join("disk")).unwrap();
-        assert_eq!(fs::read(dir.path().join("disk")).unwrap(), b"y");
     }
 }

@@ -1,4 +1,11 @@
 //! imgcache: the VM image cache of a compute host, as a library behind the `imgcache` CLI.
+//!
+//! The modules stand on five floors; each imports only from floors below it
+//! (docs/ARCHITECTURE.md):
+//! 5 interface (`cli`, `config`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
+//! `instance`, `scan`, `templates`, `disk`, `fetch`), 2 adapters (`inspect`, `qemu_img`, `rbd`,
+//! `glance`, `openstack`), 1 ground (`error`, `units`, `fsutil`, `process`, `lock`,
+//! `progress`, `http`).
 
 pub mod cache;
 pub mod cli;
@@ -7,28 +14,26 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod fetch;
+pub mod fsutil;
 pub mod glance;
+pub mod http;
 pub mod inspect;
 pub mod instance;
 pub mod lock;
 pub mod openstack;
+pub mod process;
 pub mod progress;
 pub mod qemu_img;
 pub mod rbd;
 pub mod scan;
-pub mod size;
 pub mod templates;
+pub mod units;
 
 use anyhow::Result;
+use clap::CommandFactory;
 
-/// How a command ended when it did not fail outright.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Everything asked for was done.
-    Success,
-    /// Some items failed; they were reported; exit with this code.
-    Partial(u8),
-}
+use crate::cli::settings;
+use crate::commands::Outcome;
 
 /// Runs a parsed command line. `matches` (as the user gave them, before the configuration
 /// file was applied) and `file` are for `config show`.
@@ -37,28 +42,32 @@ pub fn run(
     matches: &clap::ArgMatches,
     file: Option<&config::File>,
 ) -> Result<Outcome> {
-    let reporter = progress::Terminal::new(cli.global.quiet, cli.global.verbose);
+    let rep = progress::Terminal::new(cli.global.quiet, cli.global.verbose);
+    let g = &cli.global;
     match cli.command {
         cli::Command::Config(cli::ConfigCommand::Show { json }) => {
-            commands::config::show(matches, file, json)
+            commands::config::show(&config::effective(matches, file), json)
         }
         cli::Command::Completions { shell } => {
-            use clap::CommandFactory;
-            let mut cmd = cli::Cli::command();
-            clap_complete::generate(shell, &mut cmd, "imgcache", &mut std::io::stdout());
+            // Rendered in memory first: a closed stdout is then an error we handle, not a
+            // panic inside the generator.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cli::Cli::command(), "imgcache", &mut script);
+            progress::print_bytes(&script)?;
             Ok(Outcome::Success)
         }
         cli::Command::Man => {
-            use clap::CommandFactory;
-            clap_mangen::Man::new(cli::Cli::command()).render(&mut std::io::stdout())?;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cli::Cli::command()).render(&mut page)?;
+            progress::print_bytes(&page)?;
             Ok(Outcome::Success)
         }
-        cli::Command::Fetch(args) => commands::fetch::run(&cli.global, args, &reporter),
-        cli::Command::Create(args) => commands::create::run(&cli.global, *args, &reporter),
-        cli::Command::Delete(args) => commands::delete::run(&cli.global, args, &reporter),
-        cli::Command::Prune(args) => commands::prune::run(&cli.global, args, &reporter),
-        cli::Command::List(args) => commands::list::run(&cli.global, args),
-        cli::Command::Inspect(args) => commands::inspect::run(args),
-        cli::Command::Verify(args) => commands::verify::run(&cli.global, args, &reporter),
+        cli::Command::Fetch(args) => commands::fetch::run(settings::fetch(g, args)?, &rep),
+        cli::Command::Create(args) => commands::create::run(settings::create(g, *args)?, &rep),
+        cli::Command::Delete(args) => commands::delete::run(settings::delete(g, args)?, &rep),
+        cli::Command::Prune(args) => commands::prune::run(settings::prune(g, args)?, &rep),
+        cli::Command::List(args) => commands::list::run(settings::list(g, args)?),
+        cli::Command::Inspect(args) => commands::inspect::run(settings::inspect(args)?),
+        cli::Command::Verify(args) => commands::verify::run(settings::verify(g, args)?, &rep),
     }
 }

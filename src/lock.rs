@@ -5,7 +5,7 @@
 //! replaced the file between our open and our lock, and we start over. This closes the classic race
 //! where two processes each "hold" the lock on a different inode (Nova bug 1256306 era).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use fs2::FileExt;
 
-use crate::error::Kind;
+use crate::error::{self, Kind};
+use crate::fsutil;
+use crate::progress::Reporter;
 
 /// Lock failures.
 #[derive(Debug, thiserror::Error)]
@@ -43,20 +45,9 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::Timeout { .. } => Kind::LockTimeout,
-            Error::Open { source, .. } | Error::Lock { source, .. }
-                if crate::error::is_no_space(source) =>
-            {
-                Kind::NoSpace
-            }
-            Error::Open { source, .. }
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
-                ) =>
-            {
-                Kind::NotWritable
-            }
-            _ => Kind::Other,
+            Error::Lock { source, .. } if error::is_no_space(source) => Kind::NoSpace,
+            Error::Open { source, .. } => error::io_kind(source).unwrap_or(Kind::Other),
+            Error::Lock { .. } => Kind::Other,
         }
     }
 }
@@ -94,12 +85,13 @@ const POLL_START: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(20);
 
 /// Takes an exclusive lock on `path`, creating the file if needed. If another process holds it,
-/// calls `on_wait(what)` once and keeps trying until `timeout` has passed.
+/// says once on `rep` what we wait for (`what`, e.g. "image <id>") and keeps trying until
+/// `timeout` has passed.
 pub fn acquire(
     path: &Path,
     what: &str,
     timeout: Duration,
-    on_wait: &dyn Fn(&str),
+    rep: &dyn Reporter,
 ) -> Result<FileLock, Error> {
     let start = Instant::now();
     let mut told = false;
@@ -128,7 +120,9 @@ pub fn acquire(
         }
         drop(file);
         if !told {
-            on_wait(what);
+            rep.info(&format!(
+                "waiting for the lock on {what} (another process is working on it)"
+            ));
             told = true;
         }
         let waited = start.elapsed();
@@ -161,23 +155,17 @@ pub fn try_acquire(path: &Path) -> Result<Option<FileLock>, Error> {
     }
 }
 
-/// Opens (creating if needed) a lock file.
+/// Opens (creating if needed) a lock file; a symlink or FIFO planted there is refused.
 fn open(path: &Path) -> Result<File, Error> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| Error::Open {
-            path: path.to_owned(),
-            source,
-        })
+    fsutil::open_or_create(path).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// True if another process holds the lock at `path`. Creates nothing (for `--dry-run`).
 pub fn is_held(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else {
+    let Ok(file) = fsutil::open_regular(path) else {
         return false;
     };
     match FileExt::try_lock_shared(&file) {
@@ -199,20 +187,37 @@ fn same_inode(file: &File, path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
+    use crate::progress::Silent;
+    use std::sync::Mutex;
+
+    /// Records what it is told.
+    #[derive(Default)]
+    struct Notes(Mutex<Vec<String>>);
+
+    impl Reporter for Notes {
+        fn info(&self, msg: &str) {
+            self.0.lock().unwrap().push(msg.to_owned());
+        }
+        fn warn(&self, _: &str) {}
+        fn debug(&self, _: &str) {}
+        fn transfer(&self, _: &str) -> Box<dyn crate::progress::Transfer> {
+            crate::progress::Silent.transfer("")
+        }
+    }
 
     #[test]
     fn second_lock_times_out_and_reports_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let _held = acquire(&path, "x", Duration::from_secs(1), &|_| {}).unwrap();
-        let told = Cell::new(0);
-        let err = acquire(&path, "entry abc", Duration::from_millis(100), &|w| {
-            assert_eq!(w, "entry abc");
-            told.set(told.get() + 1);
-        })
-        .unwrap_err();
-        assert_eq!(told.get(), 1);
+        let _held = acquire(&path, "x", Duration::from_secs(1), &Silent).unwrap();
+        let notes = Notes::default();
+        let err = acquire(&path, "entry abc", Duration::from_millis(100), &notes).unwrap_err();
+        let told = notes.0.lock().unwrap().clone();
+        assert_eq!(told.len(), 1);
+        assert!(
+            told[0].starts_with("waiting for the lock on entry abc"),
+            "{told:?}"
+        );
         assert!(matches!(err, Error::Timeout { .. }));
         assert_eq!(err.kind(), Kind::LockTimeout);
     }
@@ -221,7 +226,7 @@ mod tests {
     fn lock_on_unlinked_file_is_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let first = acquire(&path, "x", Duration::from_secs(1), &|_| {}).unwrap();
+        let first = acquire(&path, "x", Duration::from_secs(1), &Silent).unwrap();
         assert!(first.is_current());
         std::fs::remove_file(&path).unwrap();
         assert!(!first.is_current());
@@ -234,7 +239,7 @@ mod tests {
     fn released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let held = acquire(&path, "x", Duration::from_secs(1), &|_| {}).unwrap();
+        let held = acquire(&path, "x", Duration::from_secs(1), &Silent).unwrap();
         assert!(try_acquire(&path).unwrap().is_none());
         drop(held);
         assert!(try_acquire(&path).unwrap().is_some());

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
 use imgcache::cli::Cli;
+use imgcache::commands::{Outcome, kind_of};
 use imgcache::config;
+use imgcache::error::chain;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
@@ -45,8 +47,8 @@ fn main() -> ExitCode {
         Err(e) => return clap_exit(&e),
     };
     match imgcache::run(cli, &original, file.as_ref()) {
-        Ok(imgcache::Outcome::Success) => ExitCode::SUCCESS,
-        Ok(imgcache::Outcome::Partial(code)) => ExitCode::from(code),
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Partial(code)) => ExitCode::from(code),
         Err(e) => fail(&e),
     }
 }
@@ -62,15 +64,7 @@ fn fail(e: &anyhow::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!("imgcache: {}", chain(e));
-    ExitCode::from(imgcache::error::kind_of(e).exit_code())
-}
-
-/// `outer: inner: innermost`, on one line.
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    ExitCode::from(kind_of(e).exit_code())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

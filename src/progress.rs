@@ -1,8 +1,8 @@
-//! The only place that draws. Library code reports through [`Reporter`]; the terminal
-//! implementation shows indicatif bars on a TTY and plain lines otherwise, and `--quiet`
-//! silences everything but warnings.
+//! The only place that writes to the terminal. Library code reports on stderr through
+//! [`Reporter`] (indicatif bars on a TTY, plain lines otherwise; `--quiet` keeps only warnings and
+//! errors); commands return report structs that [`print`] renders on stdout as text or JSON.
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -13,6 +13,11 @@ pub trait Reporter: Send + Sync {
     fn info(&self, msg: &str);
     /// Something that went wrong but did not stop the work (a retry, a fallback).
     fn warn(&self, msg: &str);
+    /// One item of several failed (the command goes on with the others); shown even with
+    /// `--quiet`.
+    fn error(&self, msg: &str) {
+        self.warn(msg);
+    }
     /// Detail for `-v`.
     fn debug(&self, msg: &str);
     /// More detail for `-vv` (every HTTP request and its answer).
@@ -88,6 +93,10 @@ impl Reporter for Terminal {
         self.line(&format!("imgcache: warning: {msg}"));
     }
 
+    fn error(&self, msg: &str) {
+        self.line(&format!("imgcache: {msg}"));
+    }
+
     fn debug(&self, msg: &str) {
         if self.verbose > 0 && !self.quiet {
             self.line(&format!("imgcache: {msg}"));
@@ -151,4 +160,32 @@ impl Drop for Bar {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// A command's result as it is shown: `--json` prints its serde form, otherwise [`Render::text`].
+pub trait Render: serde::Serialize {
+    /// The text form, for people.
+    fn text(&self, out: &mut dyn Write) -> io::Result<()>;
+}
+
+/// Writes a report on stdout, as pretty JSON plus a newline or as its text; flushes. A closed
+/// pipe comes back as a `BrokenPipe` error, which `main` turns into a quiet exit.
+pub fn print<R: Render>(report: &R, json: bool) -> io::Result<()> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, report).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        report.text(&mut out)?;
+    }
+    out.flush()
+}
+
+/// Writes bytes made elsewhere (a man page, a completion script) on stdout.
+pub fn print_bytes(bytes: &[u8]) -> io::Result<()> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    out.write_all(bytes)?;
+    out.flush()
 }

@@ -1,14 +1,14 @@
 //! The qemu-img subprocess. Every call passes `-f <format>` (CVE-2026-24708: never let qemu-img
-//! probe), `info` runs under rlimits, and stderr is captured into the error.
+//! probe), `info` runs under rlimits, and stderr is captured into the error (through the one
+//! runner, [`crate::process`]).
 
-use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde::Deserialize;
 
 use crate::error::Kind;
+use crate::process;
 
 /// Address-space limit for `qemu-img info`: 1 GiB, as Nova's QEMU_IMG_LIMITS before 2023.
 const INFO_AS_LIMIT: u64 = 1 << 30;
@@ -93,15 +93,12 @@ fn binary() -> PathBuf {
 pub fn info(path: &Path, format: &str) -> Result<Info, Error> {
     let mut cmd = Command::new(binary());
     cmd.args(["info", "--output=json", "-f", format]).arg(path);
-    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, which
-    // is async-signal-safe; it touches no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            set_limit(libc::RLIMIT_AS, INFO_AS_LIMIT)?;
-            set_limit(libc::RLIMIT_CPU, INFO_CPU_LIMIT)
-        });
-    }
-    let out = run(cmd, "info", path)?;
+    let limits = process::Limits {
+        address_space: Some(INFO_AS_LIMIT),
+        cpu_seconds: Some(INFO_CPU_LIMIT),
+        ..process::Limits::default()
+    };
+    let out = run(cmd, "info", path, &limits)?;
     serde_json::from_slice(&out).map_err(|e| Error::Parse {
         path: path.to_owned(),
         detail: e.to_string(),
@@ -119,7 +116,7 @@ pub fn convert_to_raw(src: &Path, from: &str, dst: &Path, direct_io: bool) -> Re
     .args(["-f", from, "-O", "raw"])
     .arg(src)
     .arg(dst);
-    run(cmd, "convert", src).map(drop)
+    run(cmd, "convert", src, &process::Limits::default()).map(drop)
 }
 
 /// Runs `qemu-img create -f qcow2 -b <base> -F <base_format> <dst> <size>`. `base` must be
@@ -131,56 +128,25 @@ pub fn create_overlay(dst: &Path, base: &Path, base_format: &str, size: u64) -> 
         .args(["-F", base_format])
         .arg(dst)
         .arg(size.to_string());
-    run(cmd, "create", dst).map(drop)
+    run(cmd, "create", dst, &process::Limits::default()).map(drop)
 }
 
-fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
-    };
-    // SAFETY: plain syscall with a valid pointer to a local struct.
-    if unsafe { libc::setrlimit(resource, &lim) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// Runs qemu-img; returns stdout on success, the captured stderr in the error otherwise.
+fn run(
+    cmd: Command,
+    op: &'static str,
+    path: &Path,
+    limits: &process::Limits,
+) -> Result<Vec<u8>, Error> {
+    let out = process::run(cmd, &format!("qemu-img {op}"), limits)
+        .map_err(|e| Error::Missing(e.to_string()))?;
+    if out.status.success() {
+        return Ok(out.stdout);
     }
-}
-
-/// Runs the command, draining stderr on its own thread; returns stdout on success.
-fn run(mut cmd: Command, op: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| Error::Missing(e.to_string()))?;
-    let mut stderr_pipe = child.stderr.take();
-    let drain = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = stderr_pipe.as_mut() {
-            let _ = p.read_to_end(&mut s);
-        }
-        s
-    });
-    let mut stdout = Vec::new();
-    if let Some(mut p) = child.stdout.take() {
-        let _ = p.read_to_end(&mut stdout);
-    }
-    let status = child.wait().map_err(|e| Error::Missing(e.to_string()))?;
-    let stderr = drain.join().unwrap_or_default();
-    if status.success() {
-        return Ok(stdout);
-    }
-    let text = String::from_utf8_lossy(&stderr);
-    let stderr = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
     Err(Error::Failed {
         op,
         path: path.to_owned(),
-        status: status.to_string(),
-        stderr,
+        status: out.status.to_string(),
+        stderr: out.stderr,
     })
 }

@@ -5,14 +5,15 @@
 //! Images imported by imgcache are named `imgcache-<sha1(image id)>` in the images pool, with one
 //! protected snapshot `snap`; instance disks are clones `<instance>_disk` in the instances pool.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::error::Kind;
+use crate::process;
+use crate::units;
 
 /// Snapshot every imported image carries; clones are made from it.
 pub const SNAP: &str = "snap";
@@ -63,6 +64,19 @@ pub const ENOENT: i32 = 2;
 pub const EEXIST: i32 = 17;
 pub const EBUSY: i32 = 16;
 
+/// Default Ceph configuration when none is given.
+pub const DEFAULT_CEPH_CONF: &str = "/etc/ceph/ceph.conf";
+
+/// A cluster and the pools imgcache uses in it.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub rbd: Rbd,
+    /// Pool holding imported images.
+    pub images_pool: String,
+    /// Pool holding instance disks (clones).
+    pub instances_pool: String,
+}
+
 /// How to reach the cluster.
 #[derive(Debug, Clone)]
 pub struct Rbd {
@@ -73,6 +87,8 @@ pub struct Rbd {
 }
 
 impl Rbd {
+    /// `<tool> -c <conf> [--id ID] [--keyring FILE]`; `IMGCACHE_RBD` / `IMGCACHE_CEPH` name
+    /// another binary for the tool (a wrapper, a test double).
     fn command(&self, tool: &str) -> Command {
         let bin = std::env::var_os(format!("IMGCACHE_{}", tool.to_ascii_uppercase()))
             .map(PathBuf::from)
@@ -95,61 +111,29 @@ impl Rbd {
 
     fn run(&self, tool: &str, args: &[&str]) -> Result<String, Error> {
         let mut cmd = self.command(tool);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args);
         let shown = format!("{tool} {}", args.join(" "));
-        let mut child = cmd.spawn().map_err(|e| Error::Missing {
-            tool: tool.to_owned(),
-            detail: e.to_string(),
-        })?;
-        let mut out = child.stdout.take();
-        let mut err = child.stderr.take();
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(o) = out.as_mut() {
-                let _ = o.read_to_string(&mut s);
-            }
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(e) = err.as_mut() {
-                let _ = e.read_to_string(&mut s);
-            }
-            s
-        });
-        let deadline = Instant::now() + self.timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break st,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(Error::Timeout {
-                        cmd: shown,
-                        secs: self.timeout.as_secs(),
-                    });
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    return Err(Error::Missing {
-                        tool: tool.to_owned(),
-                        detail: e.to_string(),
-                    });
-                }
-            }
+        let limits = process::Limits {
+            timeout: Some(self.timeout),
+            ..process::Limits::default()
         };
-        let stdout = out_t.join().unwrap_or_default();
-        let stderr = err_t.join().unwrap_or_default();
-        if status.success() {
-            Ok(stdout)
+        let out = process::run(cmd, &shown, &limits).map_err(|e| match e {
+            process::Error::Timeout { .. } => Error::Timeout {
+                cmd: shown.clone(),
+                secs: self.timeout.as_secs(),
+            },
+            process::Error::Spawn { source, .. } => Error::Missing {
+                tool: tool.to_owned(),
+                detail: source.to_string(),
+            },
+        })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(Error::Failed {
                 cmd: shown,
-                code: status.code().unwrap_or(-1),
-                stderr: stderr.split_whitespace().collect::<Vec<_>>().join(" "),
+                code: out.code(),
+                stderr: out.stderr,
             })
         }
     }
@@ -193,11 +177,7 @@ impl Rbd {
 
     /// Records "used now" on an imported image (prune's age).
     pub fn touch(&self, image_spec: &str) -> Result<(), Error> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-            .to_string();
+        let now = units::unix_now().to_string();
         self.rbd(&["image-meta", "set", image_spec, META_LAST_USED, &now])
             .map(drop)
     }
@@ -207,11 +187,7 @@ impl Rbd {
         match self.rbd(&["image-meta", "get", image_spec, META_LAST_USED]) {
             Ok(s) => {
                 let then: u64 = s.trim().parse().unwrap_or(0);
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                Ok(Some(now.saturating_sub(then)))
+                Ok(Some(units::unix_now().saturating_sub(then)))
             }
             Err(e) if e.code() == Some(ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -270,7 +246,7 @@ pub fn parse_ctime(s: &str) -> Option<u64> {
     let mut hms = it.next()?.split(':').map(|p| p.parse::<i64>().ok());
     let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
     let year: i64 = it.next()?.parse().ok()?;
-    // Days from civil (proleptic Gregorian), inverse of cache::rfc3339's algorithm.
+    // Days from civil (proleptic Gregorian), inverse of units::rfc3339's algorithm.
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -331,7 +307,7 @@ mod tests {
             keyring: None,
             timeout: Duration::from_secs(1),
         };
-        // SAFETY-free env override: point the tool at a path that cannot exist.
+        // A tool name that is on no PATH.
         let e = r.run("imgcache-no-such-tool", &["ls"]).unwrap_err();
         assert!(e.to_string().contains("apt-get install ceph-common"), "{e}");
         assert_eq!(e.kind(), Kind::Tool);

@@ -4,7 +4,7 @@
 //! `qemu-img info` process per disk, as Nova runs).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
@@ -13,8 +13,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cache::{self, Cache, Record};
+use crate::fsutil;
 use crate::inspect::{self, qcow2};
 use crate::instance;
+
+/// Largest `--keep-from` list read (a million ids).
+const MAX_KEEP_FILE: u64 = 64 << 20;
 
 /// How deep a qcow2 backing chain inside an instance directory is followed.
 const MAX_CHAIN: usize = 4;
@@ -108,44 +112,35 @@ pub fn classify(name: &str) -> Option<EntryType> {
     None
 }
 
-/// The entry a temp file belongs to, if `name` is one of ours.
+/// The entry a temp file belongs to, if `name` is one of ours: `<entry>.part`,
+/// `<entry>.converted`, or a hidden atomic-write temp `.<entry>.info.tmp-<random>`.
 fn temp_owner(name: &str) -> Option<&str> {
-    for suffix in [cache::PART_SUFFIX, cache::CONVERTED_SUFFIX, ".info.tmp"] {
-        if let Some(entry) = name.strip_suffix(suffix)
-            && classify(entry).is_some()
-        {
-            return Some(entry);
-        }
-    }
-    None
+    let hidden_record = name
+        .strip_prefix('.')
+        .and_then(|n| n.split_once(".tmp-"))
+        .and_then(|(file, _)| file.strip_suffix(cache::RECORD_SUFFIX));
+    let entry = hidden_record.or_else(|| {
+        [cache::PART_SUFFIX, cache::CONVERTED_SUFFIX]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+    })?;
+    classify(entry).is_some().then_some(entry)
 }
 
 /// Lists `_base`. Files that vanish mid-scan are skipped; symlinks and other non-files are
 /// ignored, never followed.
 pub fn scan_base(cache: &Cache) -> Result<Base> {
     let mut base = Base::default();
-    let rd = match fs::read_dir(cache.base_dir()) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(base),
-        Err(e) => {
-            return Err(anyhow::Error::new(e)
-                .context(format!("cannot read {}", cache.base_dir().display())));
-        }
-    };
-    for item in rd {
-        let Ok(item) = item else { continue };
-        let name = item.file_name().to_string_lossy().into_owned();
-        let path = item.path();
-        let Ok(meta) = fs::symlink_metadata(&path) else {
-            continue;
-        };
+    let items = fsutil::list(cache.base_dir())
+        .with_context(|| format!("cannot read {}", cache.base_dir().display()))?;
+    for (name, path, meta) in items {
         if !meta.is_file() {
             continue;
         }
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         if let Some(mut kind) = classify(&name) {
             let record = if kind == EntryType::Image {
-                cache.read_record(&name)
+                cache.entry(&name).read_record()
             } else {
                 None
             };
@@ -166,7 +161,7 @@ pub fn scan_base(cache: &Cache) -> Result<Base> {
         } else if let Some(owner) = temp_owner(&name) {
             base.temps.push(Temp {
                 entry: owner.to_owned(),
-                file: name,
+                file: name.clone(),
                 path,
                 size: meta.len(),
                 allocated: meta.blocks() * 512,
@@ -220,26 +215,13 @@ pub fn scan_usage(cache: &Cache, keep_ids: &[String]) -> Result<Usage> {
         usage.add(cache::entry_name(id), "--keep");
     }
     let root = cache.instances_dir();
-    let rd = match fs::read_dir(root) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(usage),
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("cannot read {}", root.display())));
-        }
-    };
+    let items = fsutil::list(root).with_context(|| format!("cannot read {}", root.display()))?;
     let base_dir = cache.base_dir();
-    for item in rd {
-        let Ok(item) = item else { continue };
-        let path = item.path();
-        if path == base_dir || path == cache.locks_dir() {
+    for (name, path, meta) in items {
+        // Real directories only: a symlinked instance dir is never followed.
+        if path == base_dir || path == cache.locks_dir() || !meta.is_dir() {
             continue;
         }
-        // Real directories only: a symlinked instance dir is never followed.
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {}
-            _ => continue,
-        }
-        let name = item.file_name().to_string_lossy().into_owned();
         usage.instances += 1;
         if let Some(record) = instance::read_record(&path) {
             for b in record.bases {
@@ -253,14 +235,14 @@ pub fn scan_usage(cache: &Cache, keep_ids: &[String]) -> Result<Usage> {
 
 /// Reads the backing file of every qcow2 in an instance directory.
 fn scan_instance_disks(dir: &Path, instance: &str, base_dir: &Path, usage: &mut Usage) {
-    let Ok(rd) = fs::read_dir(dir) else {
+    let Ok(items) = fsutil::list(dir) else {
         usage
             .warnings
             .push(format!("cannot read {}", dir.display()));
         return;
     };
-    for item in rd.flatten() {
-        let mut disk = item.path();
+    for (_, path, _) in items {
+        let mut disk = path;
         for _ in 0..MAX_CHAIN {
             let Some(backing) = backing_of(&disk, usage) else {
                 break;
@@ -289,12 +271,12 @@ fn scan_instance_disks(dir: &Path, instance: &str, base_dir: &Path, usage: &mut 
 
 /// The backing file named in a regular file's qcow2 header.
 fn backing_of(path: &Path, usage: &mut Usage) -> Option<String> {
-    let meta = fs::symlink_metadata(path).ok()?;
-    if !meta.is_file() {
+    if !fsutil::is_regular(path) {
         return None;
     }
-    // A disk deleted mid-scan (Nova bug 1261442) or unreadable is skipped, not fatal.
-    let file = match fs::File::open(path) {
+    // A disk deleted mid-scan (Nova bug 1261442) or unreadable is skipped, not fatal; a FIFO
+    // or symlink swapped in meanwhile is refused by the open, never followed or blocked on.
+    let file = match fsutil::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
@@ -330,11 +312,20 @@ fn resolve(disk: &Path, backing: &str) -> Option<PathBuf> {
 
 /// Reads ids to keep from a file (`-` = stdin): one per line, `#` comments and blanks ignored.
 pub fn read_keep_file(path: &str) -> Result<Vec<String>> {
-    let text = if path == "-" {
-        std::io::read_to_string(std::io::stdin()).context("cannot read ids from stdin")?
+    // The operator's own file (or a pipe: `--keep-from <(...)`), so it may be a link or a FIFO;
+    // only its size is bounded.
+    let mut bytes = Vec::new();
+    if path == "-" {
+        std::io::stdin()
+            .take(MAX_KEEP_FILE)
+            .read_to_end(&mut bytes)
+            .context("cannot read ids from stdin")?;
     } else {
-        fs::read_to_string(path).with_context(|| format!("cannot read --keep-from file {path}"))?
-    };
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_KEEP_FILE).read_to_end(&mut bytes))
+            .with_context(|| format!("cannot read --keep-from file {path}"))?;
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let ids: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -376,6 +367,8 @@ mod tests {
         assert_eq!(temp_owner(&format!("{h}.converted")), Some(h));
         assert_eq!(temp_owner("swap_64.part"), Some("swap_64"));
         assert_eq!(temp_owner("random.part"), None);
+        assert_eq!(temp_owner(&format!(".{h}.info.tmp-0123abcd")), Some(h));
+        assert_eq!(temp_owner(".notes.info.tmp-0123abcd"), None);
     }
 
     #[test]

@@ -2,23 +2,24 @@
 //! formatted with mkfs (`ephemeral_<GiB>_<7 hex of the mkfs command>`) or mkswap (`swap_<MiB>`),
 //! as Nova names them. Instance disks are then copied or overlaid from the template.
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sha1::{Digest, Sha1};
 
-use crate::cache::{self, Cache};
+use crate::cache::Cache;
 use crate::error::Kind;
+use crate::fsutil;
+use crate::process;
 use crate::progress::Reporter;
 
 /// Label of ephemeral filesystems, as Nova's `_get_fs_label`.
 pub const EPHEMERAL_LABEL: &str = "ephemeral0";
 
 /// Filesystems an ephemeral disk can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fs {
     Ext2,
     Ext3,
@@ -93,6 +94,17 @@ pub fn swap_name(mib: u64) -> String {
     format!("swap_{mib}")
 }
 
+/// One template to build: a sparse file of `size` bytes formatted by `tool args <file>`.
+struct Template<'a> {
+    name: String,
+    size: u64,
+    tool: String,
+    package: &'static str,
+    args: Vec<String>,
+    lock_timeout: Duration,
+    rep: &'a dyn Reporter,
+}
+
 /// Makes sure the ephemeral template exists; returns its path.
 pub fn ephemeral(
     cache: &Cache,
@@ -101,23 +113,22 @@ pub fn ephemeral(
     lock_timeout: Duration,
     rep: &dyn Reporter,
 ) -> Result<PathBuf> {
-    let tool = format!("mkfs.{}", fs.name());
     let mut args: Vec<String> = fs.options().iter().map(|s| s.to_string()).collect();
     if fs == Fs::Vfat {
         // Large vfat volumes need FAT32 explicitly.
         args.insert(0, "-F".into());
         args.insert(1, "32".into());
     }
-    build(
-        cache,
-        &ephemeral_name(gib, fs),
-        gib << 30,
-        &tool,
-        fs.package(),
-        &args,
+    Template {
+        name: ephemeral_name(gib, fs),
+        size: gib << 30,
+        tool: format!("mkfs.{}", fs.name()),
+        package: fs.package(),
+        args,
         lock_timeout,
         rep,
-    )
+    }
+    .build(cache)
 }
 
 /// Makes sure the swap template exists; returns its path.
@@ -127,89 +138,84 @@ pub fn swap(
     lock_timeout: Duration,
     rep: &dyn Reporter,
 ) -> Result<PathBuf> {
-    build(
-        cache,
-        &swap_name(mib),
-        mib << 20,
-        "mkswap",
-        "util-linux",
-        &[],
+    Template {
+        name: swap_name(mib),
+        size: mib << 20,
+        tool: "mkswap".into(),
+        package: "util-linux",
+        args: Vec::new(),
         lock_timeout,
         rep,
-    )
+    }
+    .build(cache)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn build(
-    cache: &Cache,
-    name: &str,
-    size: u64,
-    tool: &str,
-    package: &str,
-    args: &[String],
-    lock_timeout: Duration,
-    rep: &dyn Reporter,
-) -> Result<PathBuf> {
-    let path = cache.entry_path(name);
-    if path.is_file() {
-        return Ok(path);
+impl Template<'_> {
+    fn missing(&self) -> Error {
+        Error::Missing {
+            tool: self.tool.clone(),
+            package: self.package.to_owned(),
+        }
     }
-    let binary = find_tool(tool).ok_or_else(|| Error::Missing {
-        tool: tool.to_owned(),
-        package: package.to_owned(),
-    })?;
-    cache.ensure_dirs()?;
-    let _lock = cache.lock(name, &format!("template {name}"), lock_timeout, &|what| {
-        rep.info(&format!("waiting for the lock on {what}"))
-    })?;
-    if path.is_file() {
-        return Ok(path);
+
+    /// Builds the template under its lock unless it exists (checked again under the lock).
+    fn build(&self, cache: &Cache) -> Result<PathBuf> {
+        let entry = cache.entry(&self.name);
+        let path = entry.path();
+        if entry.exists() {
+            return Ok(path);
+        }
+        let binary = find_tool(&self.tool).ok_or_else(|| self.missing())?;
+        cache.ensure_dirs()?;
+        let _lock = entry.lock(
+            &format!("template {}", self.name),
+            self.lock_timeout,
+            self.rep,
+        )?;
+        if entry.exists() {
+            return Ok(path);
+        }
+        let tmp = entry.part_path();
+        // Under the lock a `.part` is a killed run's: start from a new file.
+        fsutil::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+        let result = self.format(&binary, &tmp).and_then(|()| {
+            fsutil::persist(&tmp, &path)
+                .with_context(|| format!("cannot move {} into place", path.display()))
+        });
+        if result.is_err() {
+            let _ = fsutil::remove_file(&tmp);
+        }
+        result.map(|()| path)
     }
-    let tmp = cache.part_path(name);
-    let result = (|| -> Result<()> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.set_len(size)
+
+    /// Creates `tmp` (new, sparse, `size` bytes) and runs the tool on it.
+    fn format(&self, binary: &Path, tmp: &Path) -> Result<()> {
+        let f =
+            fsutil::create_new(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.set_len(self.size)
             .with_context(|| format!("cannot size {}", tmp.display()))?;
         drop(f);
-        rep.debug(&format!(
+        self.rep.debug(&format!(
             "{} {} {}",
             binary.display(),
-            args.join(" "),
+            self.args.join(" "),
             tmp.display()
         ));
-        let out = Command::new(&binary)
-            .args(args)
-            .arg(&tmp)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|_| Error::Missing {
-                tool: tool.to_owned(),
-                package: package.to_owned(),
-            })?;
+        let mut cmd = Command::new(binary);
+        cmd.args(&self.args).arg(tmp);
+        let out = process::run(cmd, &self.tool, &process::Limits::default())
+            .map_err(|_| self.missing())?;
         if !out.status.success() {
             return Err(Error::Failed {
-                tool: tool.to_owned(),
-                path: tmp.clone(),
+                tool: self.tool.clone(),
+                path: tmp.to_owned(),
                 status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr)
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                stderr: out.stderr,
             }
             .into());
         }
-        cache::persist(&tmp, &path)
-            .with_context(|| format!("cannot move {} into place", path.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        Ok(())
     }
-    result.map(|()| path)
 }
 
 /// Looks a tool up in PATH and in the sbin directories (cron's PATH often lacks them).

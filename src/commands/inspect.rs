@@ -1,16 +1,29 @@
 //! `imgcache inspect FILE`: the inspector every download goes through, on a local file.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::Outcome;
-use crate::cli::InspectArgs;
+use super::{Outcome, kind_of};
 use crate::error::{self, UsageError};
 use crate::fetch;
 use crate::inspect::{self, Format, Limits};
+use crate::progress::{self, Render};
 use crate::qemu_img;
+
+/// What to inspect, resolved from the command line.
+#[derive(Debug)]
+pub struct Request {
+    pub file: PathBuf,
+    /// The disk_format it will be (or was) uploaded as.
+    pub declared: Option<Format>,
+    pub limits: Limits,
+    /// Ask qemu-img for a second opinion.
+    pub qemu_img: bool,
+    pub json: bool,
+}
 
 #[derive(Serialize)]
 struct Verdict {
@@ -24,36 +37,35 @@ struct Verdict {
     error: Option<String>,
 }
 
-/// Runs the command.
-pub fn run(args: InspectArgs) -> Result<Outcome> {
-    let declared = match &args.declared {
-        None => None,
-        Some(d) => Some(Format::parse(d).ok_or_else(|| {
-            UsageError(format!(
-                "invalid --declared {d:?}; use one of raw, qcow2, vmdk, vhd, vhdx, vdi, iso"
-            ))
-        })?),
-    };
-    let limits = Limits {
-        max_virtual_size: crate::size::parse("--max-virtual-size", &args.max_virtual_size)?,
-        allow_luks: args.allow_luks,
-    };
-    if !args.file.is_file() {
-        return Err(UsageError(format!("{} is not a file", args.file.display())).into());
+impl Render for Verdict {
+    fn text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.ok {
+            writeln!(
+                out,
+                "{}: ok: {}, virtual size {}",
+                self.path,
+                self.format.unwrap_or("?"),
+                self.virtual_size
+                    .map_or("unknown".into(), |v| v.to_string())
+            )
+        } else {
+            writeln!(
+                out,
+                "{}: refused: {}",
+                self.path,
+                self.error.as_deref().unwrap_or("")
+            )
+        }
     }
-    let result = (|| -> Result<inspect::Report> {
-        let report = inspect::inspect_path_with(&args.file, &limits)?;
-        if let Some(d) = declared {
-            inspect::check_declared(d, report.format)?;
-        }
-        if !args.no_qemu_img && report.format != Format::Luks {
-            let info = qemu_img::info(&args.file, report.format.qemu_name())?;
-            fetch::second_opinion(&report, &info)?;
-        }
-        Ok(report)
-    })();
-    let path = args.file.display().to_string();
-    let (verdict, outcome) = match &result {
+}
+
+/// Runs the command.
+pub fn run(req: Request) -> Result<Outcome> {
+    if !req.file.is_file() {
+        return Err(UsageError(format!("{} is not a file", req.file.display())).into());
+    }
+    let path = req.file.display().to_string();
+    let (verdict, outcome) = match examine(&req) {
         Ok(r) => (
             Verdict {
                 path,
@@ -70,33 +82,24 @@ pub fn run(args: InspectArgs) -> Result<Outcome> {
                 ok: false,
                 format: None,
                 virtual_size: None,
-                error: Some(crate::commands::fetch::one_line(e)),
+                error: Some(error::chain(&e)),
             },
-            Outcome::Partial(error::kind_of(e).exit_code()),
+            Outcome::Partial(kind_of(&e).exit_code()),
         ),
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &verdict)?;
-        writeln!(out)?;
-    } else if verdict.ok {
-        writeln!(
-            out,
-            "{}: ok: {}, virtual size {}",
-            verdict.path,
-            verdict.format.unwrap_or("?"),
-            verdict
-                .virtual_size
-                .map_or("unknown".into(), |v| v.to_string())
-        )?;
-    } else {
-        writeln!(
-            out,
-            "{}: refused: {}",
-            verdict.path,
-            verdict.error.as_deref().unwrap_or("")
-        )?;
-    }
+    progress::print(&verdict, req.json)?;
     Ok(outcome)
+}
+
+/// The inspector's verdict, the declared format's, and qemu-img's.
+fn examine(req: &Request) -> Result<inspect::Report> {
+    let report = inspect::inspect_path_with(&req.file, &req.limits)?;
+    if let Some(d) = req.declared {
+        inspect::check_declared(d, report.format)?;
+    }
+    if req.qemu_img && report.format != Format::Luks {
+        let info = qemu_img::info(&req.file, report.format.qemu_name())?;
+        fetch::second_opinion(&report, &info)?;
+    }
+    Ok(report)
 }

@@ -2,17 +2,24 @@
 //! number of users; totals. A table for people, `--json` for scripts.
 
 use std::io::Write;
-use std::time::SystemTime;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::Outcome;
-use crate::cache::Cache;
-use crate::cli::{Global, ListArgs};
-use crate::commands::prune::ago;
-use crate::scan;
-use crate::size::human;
+use super::Outcome;
+use crate::cache::{Cache, Record};
+use crate::progress::{self, Render};
+use crate::scan::{self, Usage};
+use crate::units::{ago, human, idle, rfc3339, unix_secs};
+
+/// What to list.
+#[derive(Debug)]
+pub struct Request {
+    pub cache: Cache,
+    pub json: bool,
+}
 
 #[derive(Serialize)]
 struct Row {
@@ -41,19 +48,68 @@ struct Listing {
 }
 
 /// Runs the command.
-pub fn run(global: &Global, args: ListArgs) -> Result<Outcome> {
-    let cache = Cache::new(&global.instances_path, &global.base_dir_name)?;
-    let usage = scan::scan_usage(&cache, &[])?;
-    let base = scan::scan_base(&cache)?;
-    let now = SystemTime::now();
-    let row = |name: &str,
-               kind: &'static str,
-               path: &std::path::Path,
-               size,
-               allocated,
-               mtime: SystemTime,
-               rec: Option<&crate::cache::Record>| {
-        let idle = now.duration_since(mtime).unwrap_or_default();
+pub fn run(req: Request) -> Result<Outcome> {
+    let usage = scan::scan_usage(&req.cache, &[])?;
+    let base = scan::scan_base(&req.cache)?;
+    let rows = Rows {
+        usage: &usage,
+        now: SystemTime::now(),
+    };
+    let entries: Vec<Row> = base
+        .entries
+        .iter()
+        .map(|e| {
+            rows.row(
+                &e.name,
+                e.kind.name(),
+                &e.path,
+                (e.size, e.allocated),
+                e.mtime,
+                e.record.as_ref(),
+            )
+        })
+        .collect();
+    let temps: Vec<Row> = base
+        .temps
+        .iter()
+        .map(|t| {
+            rows.row(
+                &t.file,
+                "temp",
+                &t.path,
+                (t.size, t.allocated),
+                t.mtime,
+                None,
+            )
+        })
+        .collect();
+    let listing = Listing {
+        total_size: entries.iter().chain(&temps).map(|r| r.size).sum(),
+        total_allocated: entries.iter().chain(&temps).map(|r| r.allocated).sum(),
+        instances: usage.instances,
+        entries,
+        temps,
+    };
+    progress::print(&listing, req.json)?;
+    Ok(Outcome::Success)
+}
+
+/// Builds rows against one usage scan and one clock reading.
+struct Rows<'a> {
+    usage: &'a Usage,
+    now: SystemTime,
+}
+
+impl Rows<'_> {
+    fn row(
+        &self,
+        name: &str,
+        kind: &'static str,
+        path: &Path,
+        (size, allocated): (u64, u64),
+        mtime: SystemTime,
+        rec: Option<&Record>,
+    ) -> Row {
         Row {
             name: name.to_owned(),
             kind,
@@ -64,81 +120,46 @@ pub fn run(global: &Global, args: ListArgs) -> Result<Outcome> {
             format: rec.map(|r| r.format.clone()),
             size,
             allocated,
-            last_used: crate::cache::rfc3339(
-                mtime
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            ),
-            idle_seconds: idle.as_secs(),
-            users: usage.count(name),
+            last_used: rfc3339(unix_secs(mtime)),
+            idle_seconds: idle(self.now, mtime).as_secs(),
+            users: self.usage.count(name),
         }
-    };
-    let entries: Vec<Row> = base
-        .entries
-        .iter()
-        .map(|e| {
-            row(
-                &e.name,
-                e.kind.name(),
-                &e.path,
-                e.size,
-                e.allocated,
-                e.mtime,
-                e.record.as_ref(),
-            )
-        })
-        .collect();
-    let temps: Vec<Row> = base
-        .temps
-        .iter()
-        .map(|t| row(&t.file, "temp", &t.path, t.size, t.allocated, t.mtime, None))
-        .collect();
-    let listing = Listing {
-        total_size: entries.iter().chain(&temps).map(|r| r.size).sum(),
-        total_allocated: entries.iter().chain(&temps).map(|r| r.allocated).sum(),
-        instances: usage.instances,
-        entries,
-        temps,
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &listing)?;
-        writeln!(out)?;
-        return Ok(Outcome::Success);
     }
-    writeln!(
-        out,
-        "{:<9} {:<42} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
-        "TYPE", "ENTRY", "IMAGE ID", "NAME", "FROM", "SIZE", "ALLOCATED", "IDLE", "USERS"
-    )?;
-    for r in listing.entries.iter().chain(&listing.temps) {
+}
+
+impl Render for Listing {
+    fn text(&self, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
             "{:<9} {:<42} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
-            r.kind,
-            r.name,
-            r.image_id.as_deref().unwrap_or("-"),
-            r.image_name
-                .as_deref()
-                .map(|n| n.chars().take(20).collect::<String>())
-                .unwrap_or_else(|| "-".into()),
-            r.source_format.as_deref().unwrap_or("-"),
-            human(r.size),
-            human(r.allocated),
-            ago(std::time::Duration::from_secs(r.idle_seconds)),
-            r.users
+            "TYPE", "ENTRY", "IMAGE ID", "NAME", "FROM", "SIZE", "ALLOCATED", "IDLE", "USERS"
         )?;
+        for r in self.entries.iter().chain(&self.temps) {
+            writeln!(
+                out,
+                "{:<9} {:<42} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
+                r.kind,
+                r.name,
+                r.image_id.as_deref().unwrap_or("-"),
+                r.image_name
+                    .as_deref()
+                    .map(|n| n.chars().take(20).collect::<String>())
+                    .unwrap_or_else(|| "-".into()),
+                r.source_format.as_deref().unwrap_or("-"),
+                human(r.size),
+                human(r.allocated),
+                ago(Duration::from_secs(r.idle_seconds)),
+                r.users
+            )?;
+        }
+        writeln!(
+            out,
+            "{} entries, {} temp files: {} apparent, {} allocated; {} instance(s)",
+            self.entries.len(),
+            self.temps.len(),
+            human(self.total_size),
+            human(self.total_allocated),
+            self.instances
+        )
     }
-    writeln!(
-        out,
-        "{} entries, {} temp files: {} apparent, {} allocated; {} instance(s)",
-        listing.entries.len(),
-        listing.temps.len(),
-        human(listing.total_size),
-        human(listing.total_allocated),
-        listing.instances
-    )?;
-    Ok(Outcome::Success)
 }

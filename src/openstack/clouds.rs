@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_norway::Value;
 
-use super::{Credentials, Secret};
+use super::Credentials;
 use crate::error::UsageError;
+use crate::http::Secret;
 
 fn search_dirs(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from(".")];

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use reqwest::blocking::Client as Http;
 use serde_json::{Value, json};
 
-use super::{Credentials, Secret};
-use crate::error::{Kind, UsageError};
-use crate::glance::{self, HttpSettings, TokenSource};
+use super::Credentials;
+use crate::error::{Classified, Kind, UsageError};
+use crate::http::{self, HttpSettings, Secret, TokenSource};
 
 /// Keystone failures.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,15 @@ impl Error {
             Error::Refused { .. } => Kind::Auth,
             Error::Unreachable { .. } | Error::Status { .. } => Kind::Unavailable,
             Error::NoEndpoint { .. } => Kind::Usage,
+        }
+    }
+}
+
+impl From<Error> for Classified {
+    fn from(e: Error) -> Classified {
+        Classified {
+            kind: e.kind(),
+            message: e.to_string(),
         }
     }
 }
@@ -167,7 +176,7 @@ impl Session {
         auth_url: String,
         method: Method,
         http: &HttpSettings,
-    ) -> Result<Session, glance::Error> {
+    ) -> Result<Session, http::Error> {
         let base = auth_url.trim_end_matches('/');
         let base = base.strip_suffix("/v3").unwrap_or(base);
         Ok(Session {
@@ -178,20 +187,19 @@ impl Session {
         })
     }
 
-    fn authenticate(&self) -> Result<Token, Error> {
+    /// Sends the authentication request of our method.
+    fn send_auth(&self) -> Result<reqwest::blocking::Response, Error> {
         let url = format!("{}/auth/tokens", self.auth_url);
         let transport = |e: reqwest::Error| Error::Unreachable {
             url: self.auth_url.clone(),
-            detail: glance::describe(&e),
+            detail: http::describe(&e),
         };
-        let resp = match &self.method {
+        let request = match &self.method {
             Method::Token(t) => self
                 .http
                 .get(&url)
                 .header("X-Auth-Token", t.expose())
-                .header("X-Subject-Token", t.expose())
-                .send()
-                .map_err(transport)?,
+                .header("X-Subject-Token", t.expose()),
             Method::Password {
                 user,
                 password,
@@ -205,25 +213,22 @@ impl Session {
                 if let Some(scope) = scope {
                     auth["scope"] = scope.clone();
                 }
-                self.http
-                    .post(&url)
-                    .json(&json!({ "auth": auth }))
-                    .send()
-                    .map_err(transport)?
+                self.http.post(&url).json(&json!({ "auth": auth }))
             }
             Method::ApplicationCredential { credential, secret } => {
                 let mut cred = credential.clone();
                 cred["secret"] = json!(secret.expose());
-                self.http
-                    .post(&url)
-                    .json(&json!({ "auth": { "identity": {
-                        "methods": ["application_credential"],
-                        "application_credential": cred,
-                    }}}))
-                    .send()
-                    .map_err(transport)?
+                self.http.post(&url).json(&json!({ "auth": { "identity": {
+                    "methods": ["application_credential"],
+                    "application_credential": cred,
+                }}}))
             }
         };
+        request.send().map_err(transport)
+    }
+
+    fn authenticate(&self) -> Result<Token, Error> {
+        let resp = self.send_auth()?;
         let status = resp.status().as_u16();
         if status == 401
             || status == 403
@@ -242,7 +247,10 @@ impl Session {
                 .and_then(|v| v.to_str().ok())
                 .map(Secret::new),
         };
-        let body: Value = resp.json().unwrap_or(Value::Null);
+        let body: Value = http::read_capped(resp, http::MAX_DOCUMENT)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
             return Err(Error::Status {
                 url: self.auth_url.clone(),
@@ -316,11 +324,11 @@ impl Session {
 }
 
 impl TokenSource for Session {
-    fn token(&self) -> Result<Secret, anyhow::Error> {
+    fn token(&self) -> Result<Secret, Classified> {
         Ok(self.current()?.value)
     }
 
-    fn renew(&self, rejected: &Secret) -> Result<Option<Secret>, anyhow::Error> {
+    fn renew(&self, rejected: &Secret) -> Result<Option<Secret>, Classified> {
         if matches!(self.method, Method::Token(_)) {
             return Ok(None);
         }

@@ -9,28 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::UsageError;
-use crate::glance::{self, TokenSource};
-
-/// A secret string: never shown by `Debug`, only by [`Secret::expose`].
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The value, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+use crate::glance;
+use crate::http::{HttpSettings, Secret, StaticToken, TokenSource};
 
 /// Everything needed to authenticate and find Glance, after precedence is applied.
 #[derive(Debug, Clone, Default)]
@@ -152,7 +132,7 @@ pub struct Endpoint {
 
 /// Decides how to reach Glance: an explicit image URL with a static token (or none), or
 /// Keystone (password, application credential, or a token validated for its catalog).
-pub fn endpoint(c: &Credentials, http: &glance::HttpSettings) -> Result<Endpoint, anyhow::Error> {
+pub fn endpoint(c: &Credentials, http: &HttpSettings) -> Result<Endpoint, anyhow::Error> {
     let auth_type = c.auth_type.as_deref().unwrap_or("");
     let uses_keystone = c.auth_url.is_some()
         && (c.password.is_some()
@@ -167,7 +147,7 @@ pub fn endpoint(c: &Credentials, http: &glance::HttpSettings) -> Result<Endpoint
         let auth = c
             .token
             .clone()
-            .map(|t| Arc::new(glance::StaticToken(t)) as Arc<dyn TokenSource>);
+            .map(|t| Arc::new(StaticToken(t)) as Arc<dyn TokenSource>);
         return Ok(Endpoint { url, auth });
     }
     let method = keystone::Method::from_credentials(c, auth_type)?;
@@ -186,5 +166,30 @@ pub fn endpoint(c: &Credentials, http: &glance::HttpSettings) -> Result<Endpoint
     Ok(Endpoint {
         url,
         auth: Some(session),
+    })
+}
+
+/// How to reach Glance, as the command line gave it: the credential sources and the HTTP
+/// settings. Resolved (environment, clouds.yaml, Keystone) only when a command needs Glance.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub flags: Flags,
+    pub http: HttpSettings,
+}
+
+/// Resolves how to reach Glance: flags > OS_* environment > clouds.yaml, then Keystone (if
+/// credentials are given) for a token and the catalog's image endpoint.
+pub fn glance_settings(access: &Access) -> Result<glance::Settings, anyhow::Error> {
+    let creds = resolve(&access.flags, &|k| std::env::var(k).ok())?;
+    let http = HttpSettings {
+        cacert: creds.cacert.clone(),
+        insecure: creds.insecure,
+        ..access.http.clone()
+    };
+    let endpoint = endpoint(&creds, &http)?;
+    Ok(glance::Settings {
+        url: endpoint.url,
+        auth: endpoint.auth,
+        http,
     })
 }

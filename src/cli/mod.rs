@@ -1,5 +1,7 @@
-//! Command-line types (clap derive) and the parsers for their values. Validation that needs
-//! more than one flag happens in the commands.
+//! Command-line types (clap derive) only: what the user typed, before it means anything.
+//! [`settings`] turns them into the commands' resolved requests (LowArgs → HiArgs).
+
+pub mod settings;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::EXIT_CODES_HELP;
+use crate::units::parse_duration;
 
 /// Keeps the VM image cache of a compute host: verified, locked, atomic downloads of Glance
 /// images into `<instances_path>/_base`, converted to raw, in Nova's layout.
@@ -310,13 +313,23 @@ pub struct FetchArgs {
 
 /// Instance disk formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
+pub enum BackendArg {
     /// A full copy of the base (reflink or sparse copy), extended (Nova's Flat).
     Raw,
     /// A qcow2 overlay backed by the base (Nova's use_cow_images, the default).
     Qcow2,
     /// A Ceph RBD clone of the image, imported into the images pool once (Nova's rbd backend).
     Rbd,
+}
+
+/// Filesystems an ephemeral disk can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsArg {
+    Ext2,
+    Ext3,
+    Ext4,
+    Xfs,
+    Vfat,
 }
 
 /// Where the Ceph cluster is (for `--backend rbd`, `delete` of rbd disks, and prune's rbd pass).
@@ -375,16 +388,16 @@ pub struct CreateArgs {
     pub size: String,
 
     /// Disk format of the instance disks.
-    #[arg(long, value_enum, default_value_t = Backend::Qcow2)]
-    pub backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendArg::Qcow2)]
+    pub backend: BackendArg,
 
     /// Ephemeral disk (disk.local) size in whole GiB, e.g. 10G (flavor ephemeral_gb).
     #[arg(long, value_name = "SIZE")]
     pub ephemeral: Option<String>,
 
     /// Filesystem of the ephemeral disk.
-    #[arg(long, value_enum, default_value_t = crate::templates::Fs::Ext4)]
-    pub ephemeral_fs: crate::templates::Fs,
+    #[arg(long, value_enum, default_value_t = FsArg::Ext4)]
+    pub ephemeral_fs: FsArg,
 
     /// Swap disk (disk.swap) size in whole MiB, e.g. 512M (flavor swap).
     #[arg(long, value_name = "SIZE")]
@@ -436,44 +449,9 @@ pub struct DeleteArgs {
     pub rbd: RbdArgs,
 }
 
-/// Parses `90`, `90s`, `500ms`, `10m`, `2h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; use e.g. 30s, 10m, 2h"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
-        assert!(parse_duration("x").is_err());
-        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("99999999999999999999d").is_err());
-    }
 
     #[test]
     fn cli_is_consistent() {

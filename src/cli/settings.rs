@@ -1,0 +1,221 @@
+//! From what the user typed to what the commands run with: sizes parsed, the cache layout
+//! built, fetch options and Glance access assembled, clap's value enums mapped onto the domain's
+//! types. Every problem here is a usage error naming the flag.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::{
+    BackendArg, CreateArgs, DeleteArgs, FetchArgs, FetchOpts, FsArg, GlanceArgs, Global,
+    InspectArgs, ListArgs, PruneArgs, RbdArgs, VerifyArgs,
+};
+use crate::cache::Cache;
+use crate::commands::{create, delete, fetch, inspect, list, prune, verify};
+use crate::error::UsageError;
+use crate::fetch::Options;
+use crate::http::HttpSettings;
+use crate::inspect::{Format, Limits};
+use crate::openstack;
+use crate::rbd;
+use crate::templates::Fs;
+use crate::units::parse_size;
+
+fn cache(global: &Global) -> Result<Cache> {
+    Cache::new(&global.instances_path, &global.base_dir_name)
+}
+
+/// `imgcache fetch`.
+pub fn fetch(global: &Global, args: FetchArgs) -> Result<fetch::Request> {
+    Ok(fetch::Request {
+        cache: cache(global)?,
+        opts: fetch_options(&args.glance, &args.fetch)?,
+        access: access(&args.glance),
+        ids: args.ids,
+        jobs: args.jobs.into(),
+        json: args.json,
+    })
+}
+
+/// `imgcache create`.
+pub fn create(global: &Global, args: CreateArgs) -> Result<create::Request> {
+    let root_size = parse_size("--size", &args.size)?;
+    let ephemeral_gib = args
+        .ephemeral
+        .as_deref()
+        .map(|s| whole_units("--ephemeral", s, 30, "GiB"))
+        .transpose()?;
+    let swap_mib = args
+        .swap
+        .as_deref()
+        .map(|s| whole_units("--swap", s, 20, "MiB"))
+        .transpose()?;
+    Ok(create::Request {
+        cache: cache(global)?,
+        opts: fetch_options(&args.glance, &args.fetch)?,
+        access: access(&args.glance),
+        cluster: cluster(&args.rbd),
+        instance: args.instance,
+        image: args.image,
+        root_size,
+        backend: match args.backend {
+            BackendArg::Raw => create::Backend::Raw,
+            BackendArg::Qcow2 => create::Backend::Qcow2,
+            BackendArg::Rbd => create::Backend::Rbd,
+        },
+        ephemeral_gib,
+        ephemeral_fs: match args.ephemeral_fs {
+            FsArg::Ext2 => Fs::Ext2,
+            FsArg::Ext3 => Fs::Ext3,
+            FsArg::Ext4 => Fs::Ext4,
+            FsArg::Xfs => Fs::Xfs,
+            FsArg::Vfat => Fs::Vfat,
+        },
+        swap_mib,
+        preallocate: args.preallocate,
+        force: args.force,
+        keep_local_base: args.keep_local_base,
+        json: args.json,
+    })
+}
+
+/// `imgcache delete`.
+pub fn delete(global: &Global, args: DeleteArgs) -> Result<delete::Request> {
+    Ok(delete::Request {
+        cache: cache(global)?,
+        cluster: cluster(&args.rbd),
+        instance: args.instance,
+        force: args.force,
+        lock_timeout: args.lock_timeout,
+    })
+}
+
+/// `imgcache prune`. The images-pool pass runs only when a Ceph configuration is given.
+pub fn prune(global: &Global, args: PruneArgs) -> Result<prune::Request> {
+    let max_size = args
+        .max_size
+        .as_deref()
+        .map(|s| parse_size("--max-size", s))
+        .transpose()?;
+    Ok(prune::Request {
+        cache: cache(global)?,
+        ages: prune::Ages {
+            original: args.min_age,
+            resized: args.min_age_resized,
+        },
+        temp_age: args.temp_age,
+        max_size,
+        rbd: args.rbd.ceph_conf.is_some().then(|| cluster(&args.rbd)),
+        keep: args.keep,
+        keep_from: args.keep_from,
+        dry_run: args.dry_run,
+        json: args.json,
+        quiet: global.quiet,
+    })
+}
+
+/// `imgcache list`.
+pub fn list(global: &Global, args: ListArgs) -> Result<list::Request> {
+    Ok(list::Request {
+        cache: cache(global)?,
+        json: args.json,
+    })
+}
+
+/// `imgcache verify`.
+pub fn verify(global: &Global, args: VerifyArgs) -> Result<verify::Request> {
+    Ok(verify::Request {
+        cache: cache(global)?,
+        ids: args.ids,
+        remove_corrupt: args.remove_corrupt,
+        lock_timeout: args.lock_timeout,
+        json: args.json,
+    })
+}
+
+/// `imgcache inspect`.
+pub fn inspect(args: InspectArgs) -> Result<inspect::Request> {
+    let declared = match &args.declared {
+        None => None,
+        Some(d) => Some(Format::parse(d).ok_or_else(|| {
+            UsageError(format!(
+                "invalid --declared {d:?}; use one of raw, qcow2, vmdk, vhd, vhdx, vdi, iso"
+            ))
+        })?),
+    };
+    Ok(inspect::Request {
+        limits: Limits {
+            max_virtual_size: parse_size("--max-virtual-size", &args.max_virtual_size)?,
+            allow_luks: args.allow_luks,
+        },
+        declared,
+        qemu_img: !args.no_qemu_img,
+        json: args.json,
+        file: args.file,
+    })
+}
+
+/// Fetch settings from the flags.
+fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageError> {
+    Ok(Options {
+        lock_timeout: f.lock_timeout,
+        retries: glance.retries,
+        retry_backoff: glance.retry_backoff,
+        force_raw: !f.no_force_raw,
+        allow_direct_file: f.allow_direct_file,
+        limits: Limits {
+            max_virtual_size: parse_size("--max-virtual-size", &f.max_virtual_size)?,
+            allow_luks: false,
+        },
+    })
+}
+
+/// The credential sources and HTTP settings; empty values count as unset.
+fn access(args: &GlanceArgs) -> openstack::Access {
+    let set = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+    openstack::Access {
+        flags: openstack::Flags {
+            cloud: set(&args.os_cloud),
+            glance_url: set(&args.glance_url),
+            token: set(&args.token),
+            cacert: args.cacert.clone(),
+            insecure: args.insecure,
+            region: set(&args.os_region_name),
+            interface: set(&args.os_interface),
+        },
+        http: HttpSettings {
+            cacert: None,
+            insecure: false,
+            connect_timeout: args.connect_timeout,
+            read_timeout: args.read_timeout,
+        },
+    }
+}
+
+/// The Ceph cluster and pools.
+fn cluster(args: &RbdArgs) -> rbd::Cluster {
+    rbd::Cluster {
+        rbd: rbd::Rbd {
+            conf: args
+                .ceph_conf
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(rbd::DEFAULT_CEPH_CONF)),
+            id: args.ceph_id.clone(),
+            keyring: args.ceph_keyring.clone(),
+            timeout: args.rbd_timeout,
+        },
+        images_pool: args.images_pool.clone(),
+        instances_pool: args.instances_pool.clone(),
+    }
+}
+
+/// A size that must be a whole number of `unit`s (Nova's ephemeral_gb, swap MiB).
+fn whole_units(what: &str, s: &str, shift: u32, unit: &str) -> Result<u64, UsageError> {
+    let bytes = parse_size(what, s)?;
+    if bytes == 0 || bytes % (1 << shift) != 0 {
+        return Err(UsageError(format!(
+            "invalid {what} {s:?}: must be a positive whole number of {unit}"
+        )));
+    }
+    Ok(bytes >> shift)
+}

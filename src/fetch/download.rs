@@ -1,0 +1,297 @@
+//! The download loop: stream the image into `<entry>.part` (resuming what a killed run left,
+//! after re-hashing it), retrying network failures with `Range` resumes, and feeding the hash
+//! pipeline. Local failures (writing the `.part`, the hashing thread) end the fetch at once as
+//! I/O errors on the cache; only Glance's failures are retried.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use anyhow::{Context, Result};
+
+use super::Options;
+use super::hash::{CHUNK, Digests, HashThread, ToHasher};
+use super::retry;
+use crate::fsutil;
+use crate::glance::{self, Client, Data, Image};
+use crate::progress::{Reporter, Transfer};
+
+/// One download of `image` into `part`.
+pub struct Download<'a> {
+    pub glance: &'a Client,
+    pub image: &'a Image,
+    pub part: &'a Path,
+    pub opts: &'a Options,
+    pub rep: &'a dyn Reporter,
+    pub bar: &'a dyn Transfer,
+}
+
+impl Download<'_> {
+    /// Downloads over HTTP into `part`, resuming from its current length. Returns the size
+    /// received and the digests.
+    pub fn run(&self, algo: &str) -> Result<(u64, Digests)> {
+        let mut file = open_part(self.part)?;
+        let hasher = HashThread::start(algo)?;
+        let mut pos = self.resume(&mut file, &hasher)?;
+        self.bar.set_position(pos);
+        let mut failures = 0;
+        // Only bytes beyond the furthest point reached count as progress, so a server that keeps
+        // restarting or ending early cannot keep us looping.
+        let mut furthest = pos;
+        while self.image.size != Some(pos) {
+            let Some(failure) = self.attempt(&mut file, &hasher, &mut pos)? else {
+                break;
+            };
+            if pos > furthest {
+                furthest = pos;
+            } else {
+                failures += 1;
+            }
+            if !failure.retryable() || failures > self.opts.retries {
+                drop(file);
+                let _ = hasher.finish();
+                return Err(failure.into());
+            }
+            let wait = retry::backoff(self.opts, failures.max(1), &failure)?;
+            self.rep.warn(&format!(
+                "image {}: {failure}; resuming from byte {pos} in {:.1}s",
+                self.image.id,
+                wait.as_secs_f64()
+            ));
+            thread::sleep(wait);
+        }
+        // No fsync here: a raw .part is fsynced by `persist` when it becomes the entry, and a
+        // .part that is converted is deleted (the converted file is what gets fsynced).
+        Ok((pos, hasher.finish()?))
+    }
+
+    /// Where to start: the length of a `.part` a killed run left (re-hashed), or 0.
+    fn resume(&self, file: &mut File, hasher: &HashThread) -> Result<u64> {
+        let existing = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", self.part.display()))?
+            .len();
+        if existing > 0 && self.image.size.is_none_or(|s| existing <= s) {
+            self.rep.info(&format!(
+                "image {}: resuming {} from byte {existing} (re-hashing what is there)",
+                self.image.id,
+                self.part.display()
+            ));
+            rehash(file, existing, hasher, self.part)?;
+            return Ok(existing);
+        }
+        if existing > 0 {
+            // Only truncate what has bytes: truncating a new empty file makes ext4
+            // (auto_da_alloc) flush it on close, which then makes unlinking a converted image's
+            // .part slow.
+            truncate(file, self.part)?;
+        }
+        Ok(0)
+    }
+
+    /// One request from `pos`. `Ok(None)`: the body ended where the image ends. `Ok(Some(e))`:
+    /// a Glance failure, possibly worth another attempt. `Err`: a local failure, final.
+    fn attempt(
+        &self,
+        file: &mut File,
+        hasher: &HashThread,
+        pos: &mut u64,
+    ) -> Result<Option<glance::Error>> {
+        let id = self.image.id.as_str();
+        self.rep.trace(&format!(
+            "GET /v2/images/{id}/file{}",
+            if *pos > 0 {
+                format!(" with Range: bytes={pos}-")
+            } else {
+                String::new()
+            }
+        ));
+        let mut body = match self.glance.open_data(id, *pos) {
+            Err(e) => return Ok(Some(e)),
+            Ok(Data::Partial { body }) => {
+                self.rep.trace(&format!("image {id}: 206 from byte {pos}"));
+                body
+            }
+            Ok(Data::Full { body, len }) => {
+                self.rep.trace(&format!(
+                    "image {id}: 200, {} bytes",
+                    len.map_or("?".into(), |l| l.to_string())
+                ));
+                if *pos > 0 {
+                    self.rep.info(&format!(
+                        "image {id}: the server ignored the range request; starting over"
+                    ));
+                    truncate(file, self.part)?;
+                    hasher.send(ToHasher::Reset)?;
+                    *pos = 0;
+                }
+                if self.image.size.is_none() {
+                    self.bar.set_length(len);
+                }
+                body
+            }
+        };
+        let pumped = pump(&mut body, file, hasher, *pos, self.bar);
+        match pumped {
+            Ok(n) => *pos += n,
+            Err(PumpError::Read(e, n)) => {
+                *pos += n;
+                return Ok(Some(glance::Error::Transport {
+                    url: format!("image {id} data"),
+                    detail: format!("connection lost after {pos} bytes: {e}"),
+                }));
+            }
+            Err(PumpError::Write(e)) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot write {}", self.part.display()))
+                );
+            }
+        }
+        Ok(match self.image.size {
+            Some(s) if *pos < s => Some(glance::Error::Transport {
+                url: format!("image {id} data"),
+                detail: format!("body ended early at {pos} of {s} bytes"),
+            }),
+            _ => None,
+        })
+    }
+}
+
+/// Why [`pump`] stopped early.
+enum PumpError {
+    /// Reading the source failed after `.1` bytes were copied.
+    Read(std::io::Error, u64),
+    /// Writing the `.part` (or handing a buffer to the hasher) failed.
+    Write(std::io::Error),
+}
+
+/// Reads `src` to its end, appending to `file` and feeding the hasher. Returns bytes copied.
+fn pump(
+    src: &mut dyn Read,
+    file: &mut File,
+    hasher: &HashThread,
+    mut pos: u64,
+    bar: &dyn Transfer,
+) -> Result<u64, PumpError> {
+    let start = pos;
+    loop {
+        let mut buf = hasher.buffer();
+        buf.resize(CHUNK, 0);
+        let (filled, end) = fill(src, &mut buf);
+        buf.truncate(filled);
+        if filled > 0 {
+            file.write_all(&buf).map_err(PumpError::Write)?;
+            hasher
+                .send(ToHasher::Data(buf))
+                .map_err(|e| PumpError::Write(std::io::Error::other(e.to_string())))?;
+            pos += filled as u64;
+            bar.set_position(pos);
+        }
+        match end {
+            Fill::More => {}
+            Fill::Eof => return Ok(pos - start),
+            Fill::Failed(e) => return Err(PumpError::Read(e, pos - start)),
+        }
+    }
+}
+
+/// How a [`fill`] ended.
+enum Fill {
+    /// The buffer is full; there may be more.
+    More,
+    Eof,
+    Failed(std::io::Error),
+}
+
+/// Reads into `buf` until it is full, the source ends, or a read fails. Returns bytes read.
+fn fill(src: &mut dyn Read, buf: &mut [u8]) -> (usize, Fill) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => return (filled, Fill::Eof),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (filled, Fill::Failed(e)),
+        }
+    }
+    (filled, Fill::More)
+}
+
+/// Copies a `file://` direct_url into `part`, hashing the same way.
+pub fn download_direct(
+    src: &Path,
+    part: &Path,
+    algo: &str,
+    rep: &dyn Reporter,
+    bar: &dyn Transfer,
+) -> Result<(u64, Digests)> {
+    rep.debug(&format!("reading {} directly", src.display()));
+    let mut input =
+        File::open(src).with_context(|| format!("cannot open direct_url {}", src.display()))?;
+    let mut file = open_part(part)?;
+    if file.metadata().map(|m| m.len()).unwrap_or(1) > 0 {
+        truncate(&mut file, part)?;
+    }
+    let hasher = HashThread::start(algo)?;
+    let n = match pump(&mut input, &mut file, &hasher, 0, bar) {
+        Ok(n) => n,
+        Err(PumpError::Read(e, _)) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot read {}", src.display())));
+        }
+        Err(PumpError::Write(e)) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot write {}", part.display())));
+        }
+    };
+    Ok((n, hasher.finish()?))
+}
+
+/// The local path of a `file://` direct_url, if allowed and readable.
+pub fn direct_file(image: &Image, opts: &Options, rep: &dyn Reporter) -> Option<PathBuf> {
+    if !opts.allow_direct_file {
+        return None;
+    }
+    let url = image.direct_url.as_deref()?;
+    let path = PathBuf::from(url.strip_prefix("file://")?);
+    if path.is_file() {
+        Some(path)
+    } else {
+        rep.warn(&format!(
+            "image {}: direct_url {} is not readable here; downloading over HTTP",
+            image.id, url
+        ));
+        None
+    }
+}
+
+fn open_part(part: &Path) -> Result<File> {
+    fsutil::open_or_create(part).with_context(|| format!("cannot open {}", part.display()))
+}
+
+/// Empties the `.part` and rewinds it.
+fn truncate(file: &mut File, part: &Path) -> Result<()> {
+    file.set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+        .with_context(|| format!("cannot truncate {}", part.display()))
+}
+
+/// Feeds the first `len` bytes of `file` to the hasher and leaves the cursor at `len`.
+fn rehash(file: &mut File, len: u64, hasher: &HashThread, part: &Path) -> Result<()> {
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("cannot read {}", part.display()))?;
+    let mut left = len;
+    while left > 0 {
+        let mut buf = hasher.buffer();
+        let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+        buf.resize(want, 0);
+        file.read_exact(&mut buf)
+            .with_context(|| format!("cannot read {}", part.display()))?;
+        left -= want as u64;
+        hasher.send(ToHasher::Data(buf))?;
+    }
+    file.set_len(len)
+        .with_context(|| format!("cannot write {}", part.display()))?;
+    file.seek(SeekFrom::Start(len))
+        .with_context(|| format!("cannot write {}", part.display()))?;
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Getting one image into the cache, split by job: [`download`] (the loop into `.part`, resume,
+//! retries), [`hash`] (the hash pipeline), [`retry`] (the policy), [`verify`] (size, hash,
+//! qemu-img's second opinion, free space) and [`persist`] (inspect, convert, record, rename).
+//! This file holds the protocol around them: lock, re-check, ask Glance, build, clean up. Used
+//! by `imgcache fetch` and by every command that needs a base.
+
+mod download;
+mod hash;
+mod persist;
+mod retry;
+mod verify;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+pub use hash::GlanceHash;
+pub use verify::second_opinion;
+
+use crate::cache::{Cache, Entry, Record};
+use crate::error::Kind;
+use crate::fsutil;
+use crate::glance::{Client, Image};
+use crate::inspect;
+use crate::progress::{Reporter, Transfer};
+
+/// Fetch failures that are not Glance's, qemu-img's or the inspector's.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "image {id} is {status} in Glance, not active; wait until it is active or pick another image"
+    )]
+    NotActive { id: String, status: String },
+    #[error(
+        "image {id}: size mismatch: Glance says {expected} bytes, received {got}; the download was discarded, run the command again"
+    )]
+    Size { id: String, expected: u64, got: u64 },
+    #[error(
+        "image {id}: {algo} mismatch: Glance says {expected}, the data hashes to {got}; the download was discarded — the image in Glance may be corrupt"
+    )]
+    Hash {
+        id: String,
+        algo: String,
+        expected: String,
+        got: String,
+    },
+    #[error(
+        "image {id} has no checksum or os_hash in Glance, so it cannot be verified; refusing to cache it"
+    )]
+    NoHash { id: String },
+    #[error(
+        "image {id}: hash algorithm {algo:?} is not supported (sha256, sha384, sha512, md5 are)"
+    )]
+    UnsupportedHash { id: String, algo: String },
+    #[error(
+        "not enough space in {dir} to convert image {id}: need about {need} bytes, {available} available; free space or use --no-force-raw"
+    )]
+    NoSpace {
+        id: String,
+        dir: PathBuf,
+        need: u64,
+        available: u64,
+    },
+    #[error(
+        "image {id}: conversion produced {got} bytes of virtual size, expected {expected}; discarded"
+    )]
+    ConvertedSize { id: String, expected: u64, got: u64 },
+}
+
+impl Error {
+    /// The exit-code kind of this error.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::NotActive { .. } => Kind::NotUsable,
+            Error::Size { .. } | Error::Hash { .. } | Error::ConvertedSize { .. } => {
+                Kind::Integrity
+            }
+            Error::NoHash { .. } | Error::UnsupportedHash { .. } => Kind::Integrity,
+            Error::NoSpace { .. } => Kind::NoSpace,
+        }
+    }
+}
+
+/// Settings of one fetch.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub lock_timeout: Duration,
+    /// Attempts after the first for failures that made no progress.
+    pub retries: u32,
+    /// First backoff; doubles per attempt up to 30 s.
+    pub retry_backoff: Duration,
+    /// Convert non-raw images to raw (Nova's `force_raw_images`).
+    pub force_raw: bool,
+    /// Read `file://` `direct_url`s directly (a Glance file store mounted here).
+    pub allow_direct_file: bool,
+    /// What the inspector accepts.
+    pub limits: inspect::Limits,
+}
+
+/// A cache entry ready to use.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub id: String,
+    pub path: PathBuf,
+    /// False when the entry was already there.
+    pub downloaded: bool,
+    pub record: Option<Record>,
+}
+
+/// Makes sure the image is in the cache and returns its entry.
+///
+/// A cached entry is returned without contacting Glance. Otherwise the entry's lock is taken
+/// (waiting with a notice), the cache is re-checked under the lock, the image must be `active`,
+/// and it is downloaded (resuming a `.part` left by an earlier run), verified against Glance's
+/// size and hash, inspected, converted to raw if asked, and persisted atomically with its record.
+/// On failure no entry and no temp file is left; only a killed process leaves a `.part`, which
+/// the next run resumes.
+pub fn ensure(
+    cache: &Cache,
+    glance: &Client,
+    id: &str,
+    opts: &Options,
+    rep: &dyn Reporter,
+) -> Result<Fetched> {
+    let entry = cache.image(id)?;
+    if entry.exists() {
+        rep.debug(&format!(
+            "image {id}: already cached as {}",
+            entry.path().display()
+        ));
+        return Ok(cached(id, &entry, rep));
+    }
+    // Lock first, then ask Glance: in a herd only the holder talks to Glance, and the waiters
+    // find the entry when they get the lock (16 concurrent fetches: 1.09x one fetch instead of
+    // 1.42x, docs/benchmarks.md).
+    cache.ensure_dirs()?;
+    let _lock = entry.lock(&format!("image {id}"), opts.lock_timeout, rep)?;
+    // Re-check under the lock: whoever held it may have just finished this very image.
+    if entry.exists() {
+        return Ok(cached(id, &entry, rep));
+    }
+    rep.debug(&format!(
+        "image {id}: not cached; asking Glance for its record"
+    ));
+    let image = retry::with_retries(opts, rep, &format!("image {id}"), || glance.show(id))?;
+    rep.debug(&format!(
+        "image {id}: {} {} bytes, disk_format {}, status {}",
+        image.name.as_deref().unwrap_or("(no name)"),
+        image.size.map_or("?".into(), |s| s.to_string()),
+        image.disk_format.as_deref().unwrap_or("?"),
+        image.status
+    ));
+    if image.status != "active" {
+        return Err(Error::NotActive {
+            id: id.to_owned(),
+            status: image.status,
+        }
+        .into());
+    }
+    // A `.converted` found under the lock is a killed run's: never resumed.
+    let converted = entry.converted_path();
+    remove(&converted)?;
+    let bar = rep.transfer(id);
+    let build = Build {
+        cache,
+        entry: &entry,
+        image: &image,
+        opts,
+        rep,
+        bar: bar.as_ref(),
+    };
+    let result = build.entry(glance);
+    if result.is_err() {
+        let _ = fsutil::remove_file(&converted);
+    }
+    Ok(Fetched {
+        id: id.to_owned(),
+        path: entry.path(),
+        downloaded: true,
+        record: Some(result?),
+    })
+}
+
+/// An entry found in the cache, with a warning when its record is missing or disagrees.
+fn cached(id: &str, entry: &Entry<'_>, rep: &dyn Reporter) -> Fetched {
+    let path = entry.path();
+    let record = entry.read_record();
+    match &record {
+        None => rep.warn(&format!(
+            "{} has no imgcache record (made by another tool?); using it as it is",
+            path.display()
+        )),
+        Some(r) if fsutil::stat(&path).ok().flatten().map(|m| m.len()) != Some(r.entry_size) => rep
+            .warn(&format!(
+                "{} does not match its record (size changed); run `imgcache verify`",
+                path.display()
+            )),
+        Some(_) => {}
+    }
+    Fetched {
+        id: id.to_owned(),
+        path,
+        downloaded: false,
+        record,
+    }
+}
+
+fn remove(path: &std::path::Path) -> Result<()> {
+    fsutil::remove_file(path)
+        .map(drop)
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot remove {}", path.display())))
+}
+
+/// One entry being built under its lock.
+struct Build<'a> {
+    cache: &'a Cache,
+    entry: &'a Entry<'a>,
+    image: &'a Image,
+    opts: &'a Options,
+    rep: &'a dyn Reporter,
+    bar: &'a dyn Transfer,
+}
+
+impl Build<'_> {
+    /// Downloads, verifies, inspects, converts and persists the entry. On failure the `.part`
+    /// is removed: within a run retries already resume, and only a killed process leaves a
+    /// `.part`, which the next run resumes.
+    fn entry(&self, glance: &Client) -> Result<Record> {
+        let id = self.image.id.as_str();
+        let part = self.entry.part_path();
+        let (algo, expected) = verify::hash_spec(self.image)?;
+        self.bar.set_length(self.image.size);
+        self.bar.stage("downloading");
+        let started = std::time::Instant::now();
+        let received = match download::direct_file(self.image, self.opts, self.rep) {
+            Some(src) => download::download_direct(&src, &part, &algo, self.rep, self.bar),
+            None => download::Download {
+                glance,
+                image: self.image,
+                part: &part,
+                opts: self.opts,
+                rep: self.rep,
+                bar: self.bar,
+            }
+            .run(&algo),
+        };
+        let (size, digest) = match received {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = fsutil::remove_file(&part);
+                return Err(e);
+            }
+        };
+        let secs = started.elapsed().as_secs_f64();
+        self.rep.debug(&format!(
+            "image {id}: {size} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MB/s)",
+            size as f64 / secs.max(1e-9) / 1e6
+        ));
+        let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
+            .and_then(|()| self.inspect_and_persist(&algo, size, &digest.content));
+        if verified.is_err() {
+            let _ = fsutil::remove_file(&part);
+        }
+        let record = verified?;
+        self.rep.debug(&format!(
+            "image {id}: cached as {}",
+            self.entry.path().display()
+        ));
+        Ok(record)
+    }
+}

@@ -1,0 +1,133 @@
+//! From a verified `.part` to a cache entry: inspect it (native inspector first, qemu-img's
+//! opinion second), convert it to raw if asked, then write the record and rename the entry into
+//! place — record first, so a crash never leaves an entry without its record.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use super::verify::{check_space, hash_value, second_opinion};
+use super::{Build, Error};
+use crate::cache::{self, Record};
+use crate::fsutil;
+use crate::inspect::{self, Format};
+use crate::qemu_img;
+use crate::units;
+
+/// The file that becomes the entry, its format and its content digest.
+struct Made {
+    file: PathBuf,
+    format: String,
+    content: String,
+}
+
+impl Build<'_> {
+    /// Inspects the verified `.part`, converts it if asked, and persists entry and record.
+    pub(super) fn inspect_and_persist(
+        &self,
+        algo: &str,
+        size: u64,
+        content_digest: &str,
+    ) -> Result<Record> {
+        let part = self.entry.part_path();
+        self.bar.stage("inspecting");
+        let (report, info) = self.inspect()?;
+        let convert = self.opts.force_raw && report.format.qemu_name() != "raw";
+        let made = if convert {
+            self.convert(size, &report, &info)?
+        } else {
+            Made {
+                file: part.clone(),
+                format: report.format.qemu_name().to_owned(),
+                content: content_digest.to_owned(),
+            }
+        };
+        let entry_size = fsutil::stat(&made.file)
+            .ok()
+            .flatten()
+            .with_context(|| format!("cannot stat {}", made.file.display()))?
+            .len();
+        let (now, stamp) = units::now_stamp();
+        let image = self.image;
+        let record = Record {
+            image_id: image.id.clone(),
+            name: image.name.clone(),
+            disk_format: image.disk_format.clone(),
+            container_format: image.container_format.clone(),
+            source_format: report.format.name().to_owned(),
+            format: made.format,
+            source_size: size,
+            hash_algo: algo.to_owned(),
+            hash_value: hash_value(image).unwrap_or_default().to_ascii_lowercase(),
+            virtual_size: info.virtual_size,
+            entry_size,
+            content_xxh3: made.content,
+            fetched_at: stamp,
+            fetched_at_unix: now,
+            properties: image.properties(),
+        };
+        // Record first, entry second: a crash in between leaves a record without an entry,
+        // which is ignored and overwritten, never an entry without its record.
+        self.entry.write_record(&record)?;
+        fsutil::persist(&made.file, &self.entry.path())
+            .with_context(|| format!("cannot move {} into place", made.file.display()))?;
+        if convert {
+            fsutil::remove_file(&part)
+                .with_context(|| format!("cannot remove {}", part.display()))?;
+        }
+        Ok(record)
+    }
+
+    /// The inspector's verdict on the `.part`, with qemu-img's agreement.
+    fn inspect(&self) -> Result<(inspect::Report, qemu_img::Info)> {
+        let part = self.entry.part_path();
+        let declared =
+            Format::from_disk_format(self.image.disk_format.as_deref().unwrap_or("raw"))?;
+        let report = inspect::inspect_path_with(&part, &self.opts.limits)?;
+        inspect::check_declared(declared, report.format)?;
+        let info = qemu_img::info(&part, report.format.qemu_name())?;
+        second_opinion(&report, &info)?;
+        self.rep.debug(&format!(
+            "image {}: inspected as {}, virtual size {} bytes; qemu-img agrees",
+            self.image.id,
+            report.format.name(),
+            info.virtual_size
+        ));
+        Ok((report, info))
+    }
+
+    /// Converts the `.part` to raw in `.converted` and checks the result.
+    fn convert(&self, size: u64, report: &inspect::Report, info: &qemu_img::Info) -> Result<Made> {
+        let id = self.image.id.as_str();
+        let base_dir = self.cache.base_dir();
+        self.bar.stage("converting");
+        let dst = self.entry.converted_path();
+        check_space(id, base_dir, size, info.virtual_size)?;
+        let direct_io = fsutil::direct_io_works(base_dir);
+        let started = std::time::Instant::now();
+        let from = report.format.qemu_name();
+        qemu_img::convert_to_raw(&self.entry.part_path(), from, &dst, direct_io)?;
+        self.rep.debug(&format!(
+            "image {id}: converted {} to raw (-t {}) in {:.2}s",
+            report.format.name(),
+            if direct_io { "none" } else { "writeback" },
+            started.elapsed().as_secs_f64()
+        ));
+        let out = qemu_img::info(&dst, "raw")?;
+        if out.virtual_size != info.virtual_size {
+            return Err(Error::ConvertedSize {
+                id: id.to_owned(),
+                expected: info.virtual_size,
+                got: out.virtual_size,
+            }
+            .into());
+        }
+        let content = cache::content_digest(&dst)
+            .with_context(|| format!("cannot read {}", dst.display()))?;
+        Ok(Made {
+            file: dst,
+            format: "raw".to_owned(),
+            content,
+        })
+    }
+}

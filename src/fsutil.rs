@@ -1,0 +1,419 @@
+//! The one door to the filesystem under the instances path: every file there is opened, created,
+//! renamed and removed through these functions. Opens never follow a symlink at the last
+//! component (`O_NOFOLLOW`) and never block on a FIFO (`O_NONBLOCK`, then `fstat`: regular files
+//! only); temp files get unpredictable names and are created with `O_CREAT|O_EXCL`; reads of our
+//! own documents are bounded; making a file durable is one protocol (fsync the file, rename,
+//! fsync the directory).
+
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Largest JSON document of ours read back (records, `imgcache.json`, `disk.info`).
+pub const MAX_DOCUMENT: u64 = 4 << 20;
+
+/// Flags every open under the cache carries.
+const SAFE: i32 = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+
+/// Opens an existing regular file for reading. A symlink, FIFO, device or directory is refused
+/// with `InvalidInput` naming what it is.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(SAFE)
+        .open(path)
+        .map_err(|e| explain_nofollow(e, path))?;
+    check_regular(&file, path)?;
+    Ok(file)
+}
+
+/// Opens an existing regular file for reading and writing (no create, no truncate).
+pub fn open_regular_rw(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(SAFE)
+        .open(path)
+        .map_err(|e| explain_nofollow(e, path))?;
+    check_regular(&file, path)?;
+    Ok(file)
+}
+
+/// Opens a regular file for reading and writing, creating it (mode 0644) if absent; an existing
+/// file is neither truncated nor followed if it is a symlink.
+pub fn open_or_create(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(SAFE)
+        .open(path)
+        .map_err(|e| explain_nofollow(e, path))?;
+    check_regular(&file, path)?;
+    Ok(file)
+}
+
+/// Creates a new regular file (mode 0644); fails with `AlreadyExists` if anything is at the path.
+pub fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(SAFE)
+        .open(path)
+}
+
+fn check_regular(file: &File, path: &Path) -> io::Result<()> {
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {}, not a regular file; remove it",
+            path.display(),
+            describe_type(&meta)
+        ),
+    ))
+}
+
+/// ELOOP from `O_NOFOLLOW` means "a symlink is there": say so.
+fn explain_nofollow(e: io::Error, path: &Path) -> io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symlink; imgcache never follows links in the cache, remove it",
+                path.display()
+            ),
+        );
+    }
+    e
+}
+
+/// `a directory`, `a FIFO`, ... for messages.
+pub fn describe_type(meta: &Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symlink"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// What is at `path`, without following a symlink there. `None` if nothing is.
+pub fn stat(path: &Path) -> io::Result<Option<Metadata>> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// True if a regular file (not a symlink to one) is at `path`.
+pub fn is_regular(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// True if anything (a dangling symlink included) is at `path`.
+pub fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Reads a whole regular file of at most `limit` bytes; a larger one is `InvalidData`.
+pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let mut buf = Vec::new();
+    file.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Sets a regular file's mtime to now (prune reads it as "last used").
+pub fn touch(path: &Path) -> io::Result<()> {
+    open_regular(path)?.set_modified(SystemTime::now())
+}
+
+/// Removes a file (never a directory); `Ok(false)` if nothing was there.
+pub fn remove_file(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a directory tree without following symlinks inside it (std's `remove_dir_all`,
+/// CVE-2022-21658 fixed).
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    fs::remove_dir_all(path)
+}
+
+/// Removes a directory if it is empty.
+pub fn remove_empty_dir(path: &Path) -> io::Result<()> {
+    fs::remove_dir(path)
+}
+
+/// Creates a directory and its parents.
+pub fn create_dirs(path: &Path) -> io::Result<()> {
+    fs::create_dir_all(path)
+}
+
+/// Creates one directory; `Ok(false)` if one already exists there.
+pub fn create_dir(path: &Path) -> io::Result<bool> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Lists a directory: `(file name, metadata without following links)` of what is still there
+/// when it is looked at. A missing directory is empty.
+pub fn list(dir: &Path) -> io::Result<Vec<(String, PathBuf, Metadata)>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for item in rd.flatten() {
+        let path = item.path();
+        if let Ok(meta) = fs::symlink_metadata(&path) {
+            out.push((item.file_name().to_string_lossy().into_owned(), path, meta));
+        }
+    }
+    Ok(out)
+}
+
+/// fsyncs a directory so that renames and unlinks in it survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?
+        .sync_all()
+}
+
+/// Makes the file at `tmp` durable and atomically visible as `dest`: fsync the file, rename it,
+/// fsync the directory. A crash at any point leaves either no `dest` or a complete one.
+pub fn persist(tmp: &Path, dest: &Path) -> io::Result<()> {
+    open_regular(tmp)?.sync_all()?;
+    fs::rename(tmp, dest)?;
+    sync_dir(dest.parent().unwrap_or(Path::new(".")))
+}
+
+/// 16 hex digits from the kernel's random pool (a hashed clock and pid if it is unavailable).
+pub fn random_hex() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the local buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        bytes = h.finish().to_le_bytes();
+    }
+    hex::encode(bytes)
+}
+
+/// The prefix of every temp file name [`TempFile`] makes for the final name `name`.
+pub fn temp_prefix(name: &str) -> String {
+    format!(".{name}.tmp-")
+}
+
+/// A file this run is building under an unpredictable hidden name (`.<name>.tmp-<random>`),
+/// created with `O_EXCL` in the final file's directory; removed on drop unless persisted.
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    /// Creates the temp file for the final file `dir/name`.
+    pub fn new(dir: &Path, name: &str) -> io::Result<TempFile> {
+        loop {
+            let path = dir.join(format!("{}{}", temp_prefix(name), random_hex()));
+            match create_new(&path) {
+                Ok(file) => {
+                    return Ok(TempFile {
+                        path,
+                        file: Some(file),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file (for writers that want the descriptor, not the path).
+    pub fn file(&self) -> io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the temp file was closed"))
+    }
+
+    /// Closes our descriptor (before a child process rewrites the file by its path).
+    pub fn close(&mut self) {
+        self.file = None;
+    }
+
+    /// fsyncs, renames into `dest`, fsyncs the directory; the file is no longer ours to remove.
+    pub fn persist(mut self, dest: &Path) -> io::Result<()> {
+        self.file = None;
+        persist(&self.path, dest)?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a [`TempFile`] beside it, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = TempFile::new(dir, &name)?;
+    let mut f = tmp.file()?;
+    f.write_all(bytes)?;
+    tmp.persist(path)
+}
+
+/// Writes `value` as pretty JSON plus a newline to `path`, atomically.
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Reads one of our JSON documents; `None` if it is missing, not a regular file, too large, or
+/// does not parse.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = read_bounded(path, MAX_DOCUMENT).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// True if files in `dir` can be opened with O_DIRECT (so `qemu-img convert -t none` works).
+pub fn direct_io_works(dir: &Path) -> bool {
+    let probe = dir.join(format!(".imgcache-odirect-{}", random_hex()));
+    let ok = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT | SAFE)
+        .open(&probe)
+        .is_ok();
+    let _ = fs::remove_file(&probe);
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persist_renames_and_removes_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("x.part");
+        let dest = dir.path().join("x");
+        fs::write(&tmp, b"data").unwrap();
+        persist(&tmp, &dest).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(fs::read(&dest).unwrap(), b"data");
+    }
+
+    #[test]
+    fn temp_file_is_removed_unless_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TempFile::new(dir.path(), "disk").unwrap();
+        t.file().unwrap().write_all(b"x").unwrap();
+        let p = t.path().to_owned();
+        assert!(
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".disk.tmp-")
+        );
+        drop(t);
+        assert!(!p.exists());
+        let t = TempFile::new(dir.path(), "disk").unwrap();
+        t.file().unwrap().write_all(b"y").unwrap();
+        t.persist(&dir.path().join("disk")).unwrap();
+        assert_eq!(fs::read(dir.path().join("disk")).unwrap(), b"y");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn symlinks_and_fifos_are_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, b"secret").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = open_regular(&link).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        let e = open_or_create(&link).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        assert_eq!(fs::read(&target).unwrap(), b"secret");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let e = read_bounded(&fifo, 10).unwrap_err().to_string();
+        assert!(e.contains("a FIFO"), "{e}");
+    }
+
+    #[test]
+    fn bounded_reads_stop_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        fs::write(&p, vec![b'x'; 100]).unwrap();
+        assert_eq!(read_bounded(&p, 100).unwrap().len(), 100);
+        assert_eq!(
+            read_bounded(&p, 99).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! The one HTTP layer: client settings (TLS, timeouts) shared by the Glance and Keystone clients,
+//! the [`Secret`] type and the [`TokenSource`] trait that hands Glance its `X-Auth-Token`, reqwest
+//! error descriptions, and bounded body reads (nothing a server sends is read without a cap).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::blocking::{Client, Response};
+
+use crate::error::{Classified, Kind};
+
+/// Largest JSON document (an image record, a Keystone token with its catalog) read from a server.
+pub const MAX_DOCUMENT: u64 = 8 << 20;
+/// Largest error body read (only its first line is shown).
+pub const MAX_ERROR_BODY: u64 = 64 << 10;
+
+/// Client-side failures of the HTTP layer itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read CA certificate {path}: {detail}")]
+    CaCert { path: PathBuf, detail: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+impl Error {
+    /// The exit-code kind of this error.
+    pub fn kind(&self) -> Kind {
+        Kind::Usage
+    }
+}
+
+/// A secret string: never shown by `Debug`, only by [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Supplies the `X-Auth-Token` for requests. Failures come with their exit-code kind decided
+/// (a refused password is `Auth`, an unreachable Keystone `Unavailable`).
+pub trait TokenSource: Send + Sync {
+    /// The current token (authenticating first if needed).
+    fn token(&self) -> Result<Secret, Classified>;
+    /// Called once after the server rejected `rejected` with 401: a new token if this source can
+    /// re-authenticate (an expired token mid-run), `None` if it cannot (a fixed token).
+    fn renew(&self, rejected: &Secret) -> Result<Option<Secret>, Classified>;
+}
+
+/// A token given as it is (`--token`, `OS_AUTH_TOKEN`): never renewed.
+pub struct StaticToken(pub Secret);
+
+impl TokenSource for StaticToken {
+    fn token(&self) -> Result<Secret, Classified> {
+        Ok(self.0.clone())
+    }
+
+    fn renew(&self, _: &Secret) -> Result<Option<Secret>, Classified> {
+        Ok(None)
+    }
+}
+
+/// TLS and timeouts, shared by the Glance and Keystone clients.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub cacert: Option<PathBuf>,
+    pub insecure: bool,
+    pub connect_timeout: Duration,
+    /// Longest silence allowed while waiting for a response or for the next bytes of a body.
+    pub read_timeout: Duration,
+}
+
+impl HttpSettings {
+    /// A blocking HTTP client with these settings.
+    pub fn client(&self) -> Result<Client, Error> {
+        let mut builder = Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.read_timeout)
+            .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(self.insecure);
+        if let Some(path) = &self.cacert {
+            let ca_error = |detail: String| Error::CaCert {
+                path: path.clone(),
+                detail,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| ca_error(e.to_string()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        builder.build().map_err(|e| Error::Client(e.to_string()))
+    }
+}
+
+/// One line naming what went wrong with a request: reqwest's Display omits the cause ("error
+/// sending request"), so the chain is included (connection refused, timed out, certificate).
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut detail = String::from(if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "response body failed"
+    } else {
+        "request failed"
+    });
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    detail
+}
+
+/// Reads a response body of at most `limit` bytes. A longer body is an error (`InvalidData`),
+/// never a truncated document that happens to parse.
+pub fn read_capped(resp: Response, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    resp.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the response is larger than {limit} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// The first `limit` bytes of an error body, lossily decoded (the rest is not read).
+pub fn error_text(resp: Response, limit: u64) -> String {
+    let mut buf = Vec::new();
+    let _ = resp.take(limit).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}

@@ -1,0 +1,214 @@
+//! The one subprocess runner (qemu-img, rbd, ceph, mkfs, mkswap): stdin closed, stdout and stderr
+//! drained on their own threads with a cap, an optional deadline after which the child is
+//! killed, optional rlimits, and `PR_SET_PDEATHSIG` so a child never outlives us.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Most stdout kept from a child (JSON from `qemu-img info`, `rbd ls`); the rest is drained.
+const MAX_STDOUT: u64 = 64 << 20;
+/// Most stderr kept (it goes into a one-line error message).
+const MAX_STDERR: u64 = 64 << 10;
+/// How often a child with a deadline is polled.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Why a child could not be run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("`{shown}` timed out after {}s", .after.as_secs())]
+    Timeout { shown: String, after: Duration },
+}
+
+/// Limits a child runs under.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Killed after this long.
+    pub timeout: Option<Duration>,
+    /// `RLIMIT_AS` in bytes.
+    pub address_space: Option<u64>,
+    /// `RLIMIT_CPU` in seconds.
+    pub cpu_seconds: Option<u64>,
+}
+
+/// What a finished child left.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    /// stderr on one line: trimmed non-empty lines joined by `; `.
+    pub stderr: String,
+}
+
+impl Output {
+    /// The exit code, or -1 when the child was killed by a signal.
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or(-1)
+    }
+}
+
+/// Runs `cmd` to its end (or its deadline) and returns its output, whatever its exit status.
+/// `shown` names the command in a timeout error.
+pub fn run(mut cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Error> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (address_space, cpu) = (limits.address_space, limits.cpu_seconds);
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // syscalls (prctl, getppid, setrlimit); it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            die_with_parent()?;
+            if let Some(v) = address_space {
+                set_limit(libc::RLIMIT_AS, v)?;
+            }
+            if let Some(v) = cpu {
+                set_limit(libc::RLIMIT_CPU, v)?;
+            }
+            Ok(())
+        });
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| Error::Spawn { program, source })?;
+    let stdout = drain(child.stdout.take(), MAX_STDOUT);
+    let stderr = drain(child.stderr.take(), MAX_STDERR);
+    let status = match wait(&mut child, limits.timeout) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Timeout {
+                shown: shown.to_owned(),
+                after: limits.timeout.unwrap_or_default(),
+            });
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout,
+        stderr: one_line(&String::from_utf8_lossy(&stderr)),
+    })
+}
+
+/// Waits for the child, up to `timeout`. `None` when the deadline passed first.
+fn wait(child: &mut Child, timeout: Option<Duration>) -> Option<ExitStatus> {
+    let Some(timeout) = timeout else {
+        // A failed wait leaves nothing to wait for; report it like a signal death.
+        return Some(child.wait().unwrap_or_else(|_| killed()));
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() >= deadline => return None,
+            Ok(None) => std::thread::sleep(POLL),
+            Err(_) => return Some(killed()),
+        }
+    }
+}
+
+/// An exit status that reads as "killed by SIGKILL".
+fn killed() -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    ExitStatus::from_raw(libc::SIGKILL)
+}
+
+/// Reads a pipe to its end on its own thread, keeping at most `cap` bytes.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>, cap: u64) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.by_ref().take(cap).read_to_end(&mut kept);
+            let _ = std::io::copy(&mut p, &mut std::io::sink());
+        }
+        kept
+    })
+}
+
+/// Trimmed non-empty lines joined by `; `.
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Asks the kernel to SIGKILL this (child) process when its parent dies, and closes the race
+/// where the parent died before the request.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: getppid takes no arguments.
+    if unsafe { libc::getppid() } == 1 {
+        return Err(std::io::Error::other("the parent exited before exec"));
+    }
+    Ok(())
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: plain syscall with a valid pointer to a local struct.
+    if unsafe { libc::setrlimit(resource, &lim) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_both_streams_and_the_code() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo out; echo ' err 1 ' >&2; echo >&2; echo err2 >&2; exit 3",
+        ]);
+        let out = run(cmd, "sh", &Limits::default()).unwrap();
+        assert_eq!(out.code(), 3);
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, "err 1; err2");
+    }
+
+    #[test]
+    fn a_child_past_its_deadline_is_killed() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let limits = Limits {
+            timeout: Some(Duration::from_millis(100)),
+            ..Limits::default()
+        };
+        let err = run(cmd, "sleep 30", &limits).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error() {
+        let err = run(
+            Command::new("/nonexistent/tool"),
+            "tool",
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Spawn { .. }), "{err}");
+    }
+}
