@@ -178,8 +178,8 @@ pub fn is_held(path: &Path) -> bool {
 }
 
 fn same_inode(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+    match (file.metadata(), fsutil::stat(path)) {
+        (Ok(a), Ok(Some(b))) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
 }

@@ -60,11 +60,15 @@ impl Render for Verdict {
 }
 
 /// Runs the command.
-pub fn run(req: Request) -> Result<Outcome> {
+pub fn run(mut req: Request) -> Result<Outcome> {
     if !req.file.is_file() {
         return Err(UsageError(format!("{} is not a file", req.file.display())).into());
     }
-    let path = req.file.display().to_string();
+    // The operator's own path: a symlink they name is followed here, once, on purpose.
+    let shown = req.file.display().to_string();
+    req.file = std::fs::canonicalize(&req.file)
+        .map_err(|e| UsageError(format!("cannot resolve {shown}: {e}")))?;
+    let path = shown;
     let (verdict, outcome) = match examine(&req) {
         Ok(r) => (
             Verdict {

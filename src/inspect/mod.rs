@@ -2,10 +2,10 @@
 //! them. Reads only bounded regions of the file. One file per format with deep checks; formats
 //! that are only recognised by their magic live here.
 
-use std::fs::File;
 use std::path::Path;
 
 use crate::error::Kind;
+use crate::fsutil;
 
 pub mod gpt;
 pub mod iso;
@@ -192,7 +192,9 @@ pub fn inspect_path(path: &Path) -> Result<Report, Error> {
 
 /// Detects the format of `path` and runs its safety checks.
 pub fn inspect_path_with(path: &Path, limits: &Limits) -> Result<Report, Error> {
-    let file = File::open(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+    // Cache files are never followed or blocked on (a symlink or FIFO planted at a `.part`).
+    let file =
+        fsutil::open_regular(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
     let src = Source::new(&file).map_err(|e| Error::Io(e.to_string()))?;
     inspect(&src, limits)
 }
