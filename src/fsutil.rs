@@ -20,36 +20,29 @@ const SAFE: i32 = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
 /// Opens an existing regular file for reading. A symlink, FIFO, device or directory is refused
 /// with `InvalidInput` naming what it is.
 pub fn open_regular(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(SAFE)
-        .open(path)
-        .map_err(|e| explain_nofollow(e, path))?;
-    check_regular(&file, path)?;
-    Ok(file)
+    open_checked(OpenOptions::new().read(true), path)
 }
 
 /// Opens an existing regular file for reading and writing (no create, no truncate).
 pub fn open_regular_rw(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(SAFE)
-        .open(path)
-        .map_err(|e| explain_nofollow(e, path))?;
-    check_regular(&file, path)?;
-    Ok(file)
+    open_checked(OpenOptions::new().read(true).write(true), path)
 }
 
 /// Opens a regular file for reading and writing, creating it (mode 0644) if absent; an existing
 /// file is neither truncated nor followed if it is a symlink.
 pub fn open_or_create(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
+    let mut opts = OpenOptions::new();
+    opts.read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(0o644);
+    open_checked(&mut opts, path)
+}
+
+/// Opens with [`SAFE`] flags and refuses anything but a regular file.
+fn open_checked(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    let file = opts
         .custom_flags(SAFE)
         .open(path)
         .map_err(|e| explain_nofollow(e, path))?;

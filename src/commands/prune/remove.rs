@@ -27,11 +27,7 @@ impl Pruner<'_> {
     pub fn remove_entry(&mut self, e: &scan::Entry, min_age: Duration) -> Result<Action> {
         let entry = self.cache.entry(&e.name);
         if self.dry_run {
-            if entry.is_locked() {
-                return Ok(Action::Busy);
-            }
-            self.freed += e.allocated;
-            return Ok(Action::WouldRemove);
+            return Ok(self.would_remove(&entry, e.allocated));
         }
         let (scan_start, now) = (self.scan_start, self.now);
         let removal = entry.remove_under_lock(&format!("entry {}", e.name), Wait::No, |m| {
@@ -52,11 +48,7 @@ impl Pruner<'_> {
     pub fn remove_temp(&mut self, t: &scan::Temp) -> Result<Action> {
         let entry = self.cache.entry(&t.entry);
         if self.dry_run {
-            if entry.is_locked() {
-                return Ok(Action::Busy);
-            }
-            self.freed += t.allocated;
-            return Ok(Action::WouldRemove);
+            return Ok(self.would_remove(&entry, t.allocated));
         }
         let Some(lock) = lock::try_acquire(&entry.lock_path())? else {
             return Ok(Action::Busy);
@@ -72,6 +64,15 @@ impl Pruner<'_> {
         }
         self.freed += t.allocated;
         Ok(Action::Removed)
+    }
+
+    /// `--dry-run`: busy if the entry's lock is held, else it would go (counted as freed).
+    fn would_remove(&mut self, entry: &cache::Entry<'_>, allocated: u64) -> Action {
+        if entry.is_locked() {
+            return Action::Busy;
+        }
+        self.freed += allocated;
+        Action::WouldRemove
     }
 
     /// True if the entry or instance a lock file (`name` after the prefix) guards is gone.
