@@ -3,6 +3,7 @@
 pub mod fault_server;
 pub mod glance;
 pub mod proxy;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
