@@ -8,17 +8,7 @@ use std::time::Duration;
 
 use crate::support::glance::real;
 use crate::support::proxy::Proxy;
-use crate::support::{Cache, imgcache, make_qcow2, run, test_bytes};
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use crate::support::{Cache, Rng, imgcache, make_qcow2, run, test_bytes};
 
 fn broken_disks(instances: &Path) -> Vec<String> {
     let mut broken = Vec::new();
@@ -78,7 +68,7 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
         .as_nanos() as u64
         | 1;
     eprintln!("crash campaign seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let ops = [
         "fetch-raw",
         "fetch-qcow2",
@@ -129,7 +119,7 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
             .unwrap();
         // Prune takes milliseconds; everything else a few hundred.
         let window = if ops[op] == "prune" { 25 } else { 200 };
-        std::thread::sleep(Duration::from_millis(rng.below(window)));
+        std::thread::sleep(Duration::from_millis(rng.below(window) as u64));
         if child.try_wait().unwrap().is_none() {
             landed[op] += 1;
         }
