@@ -3,6 +3,7 @@
 //! instance disk points at a missing base, and rerunning the same command completes. At the end
 //! the leftovers (temp files of killed runs) are gone after one prune.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -120,11 +121,18 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
         // Prune takes milliseconds; everything else a few hundred.
         let window = if ops[op] == "prune" { 25 } else { 200 };
         std::thread::sleep(Duration::from_millis(rng.below(window) as u64));
-        if child.try_wait().unwrap().is_none() {
+        let finished = child.try_wait().unwrap();
+        if finished.is_none() {
             landed[op] += 1;
         }
         child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        // Killed, or it had finished (perhaps just before the kill landed): then with 0.
+        assert!(
+            status.success() || (finished.is_none() && status.signal() == Some(libc::SIGKILL)),
+            "{} #{i}: {status}, expected exit 0 or SIGKILL",
+            ops[op]
+        );
 
         let v = run(imgcache()
             .arg("verify")
