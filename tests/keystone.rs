@@ -277,10 +277,11 @@ fn secrets_never_appear_in_any_output_even_with_vv() {
     let appcred = s.env_file("app-cred.env");
     let mut bad = openrc.clone();
     bad.insert("OS_PASSWORD".into(), "demo-secret-but-wrong".into());
-    let runs: Vec<(BTreeMap<String, String>, Vec<String>)> = vec![
-        (openrc.clone(), vec!["fetch".into(), id.clone()]),
-        (appcred.clone(), vec!["fetch".into(), id.clone()]),
-        (bad.clone(), vec!["fetch".into(), id.clone()]),
+    // Each run with the exit code it must give: a run that fails early proves nothing.
+    let runs: Vec<(BTreeMap<String, String>, Vec<String>, i32)> = vec![
+        (openrc.clone(), vec!["fetch".into(), id.clone()], 0),
+        (appcred.clone(), vec!["fetch".into(), id.clone()], 0),
+        (bad.clone(), vec!["fetch".into(), id.clone()], 10),
         (
             BTreeMap::from([("OS_AUTH_TOKEN".to_owned(), token.clone())]),
             vec![
@@ -289,26 +290,30 @@ fn secrets_never_appear_in_any_output_even_with_vv() {
                 s.glance.clone(),
                 id.clone(),
             ],
+            0,
         ),
         (
             openrc.clone(),
             vec!["create".into(), "vm-s".into(), "--image".into(), id.clone()],
+            0,
         ),
-        (openrc.clone(), vec!["prune".into(), "--dry-run".into()]),
-        (openrc.clone(), vec!["list".into()]),
-        (openrc.clone(), vec!["verify".into()]),
-        (openrc.clone(), vec!["config".into(), "show".into()]),
+        (openrc.clone(), vec!["prune".into(), "--dry-run".into()], 0),
+        (openrc.clone(), vec!["list".into()], 0),
+        (openrc.clone(), vec!["verify".into()], 0),
+        (openrc.clone(), vec!["config".into(), "show".into()], 0),
         (
             appcred.clone(),
             vec!["config".into(), "show".into(), "--json".into()],
+            0,
         ),
         (
             openrc.clone(),
             vec!["inspect".into(), qcow.display().to_string()],
+            0,
         ),
-        (openrc.clone(), vec!["fetch".into(), "--help".into()]),
+        (openrc.clone(), vec!["fetch".into(), "--help".into()], 0),
     ];
-    for (env, args) in runs {
+    for (env, args, code) in runs {
         let mut cmd = imgcache();
         cmd.arg("-vv")
             .args(&args)
@@ -332,5 +337,10 @@ fn secrets_never_appear_in_any_output_even_with_vv() {
                 r.stderr
             );
         }
+        assert_eq!(
+            r.code, code,
+            "{args:?}: exit code\n--- stdout\n{}\n--- stderr\n{}",
+            r.stdout, r.stderr
+        );
     }
 }
