@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::support::proxy::Proxy;
@@ -87,6 +88,10 @@ impl Stack {
 
     /// Uploads a file as the demo user; returns the image id.
     fn upload(&self, name: &str, disk_format: &str, file: &Path) -> String {
+        // Glance on sqlite fails concurrent uploads now and then (500, "database is locked"),
+        // as with the plain real Glance (support::glance): tests upload one at a time.
+        static UPLOADS: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
         let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance/upload"))
             .args([&self.glance, name])
             .arg(file)
