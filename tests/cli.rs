@@ -92,8 +92,10 @@ fn token_is_never_printed() {
         .env("OS_AUTH_TOKEN", "s3cr3t-token-value")
         .args(["--retries", "0", "-v", "img"]));
     assert!(!r.stderr.contains("s3cr3t"), "{}", r.stderr);
+    r.assert_code(7);
     let h = run(imgcache()
         .args(["fetch", "--help"])
         .env("OS_AUTH_TOKEN", "s3cr3t-token-value"));
     assert!(!h.stdout.contains("s3cr3t"), "{}", h.stdout);
+    h.assert_code(0);
 }

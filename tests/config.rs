@@ -110,8 +110,9 @@ fn bad_files_are_usage_errors_naming_the_problem() {
         r.assert_code(2);
         assert!(r.stderr.contains(needle), "{text}: {}", r.stderr);
     }
+    // A file that cannot be read is an I/O error (1), not a usage error like the ones above.
     let r = run(imgcache().args(["--config", "/nonexistent/imgcache.toml", "list"]));
-    assert_ne!(r.code, 0);
+    r.assert_code(1);
     assert!(
         r.stderr.contains("/nonexistent/imgcache.toml"),
         "{}",

@@ -3,22 +3,13 @@
 //! instance disk points at a missing base, and rerunning the same command completes. At the end
 //! the leftovers (temp files of killed runs) are gone after one prune.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::support::glance::real;
 use crate::support::proxy::Proxy;
-use crate::support::{Cache, imgcache, make_qcow2, run, test_bytes};
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use crate::support::{Cache, Rng, imgcache, make_qcow2, run, test_bytes};
 
 fn broken_disks(instances: &Path) -> Vec<String> {
     let mut broken = Vec::new();
@@ -78,7 +69,7 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
         .as_nanos() as u64
         | 1;
     eprintln!("crash campaign seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let ops = [
         "fetch-raw",
         "fetch-qcow2",
@@ -129,12 +120,19 @@ fn sigkill_at_random_points_never_corrupts_the_cache() {
             .unwrap();
         // Prune takes milliseconds; everything else a few hundred.
         let window = if ops[op] == "prune" { 25 } else { 200 };
-        std::thread::sleep(Duration::from_millis(rng.below(window)));
-        if child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(rng.below(window) as u64));
+        let finished = child.try_wait().unwrap();
+        if finished.is_none() {
             landed[op] += 1;
         }
         child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        // Killed, or it had finished (perhaps just before the kill landed): then with 0.
+        assert!(
+            status.success() || (finished.is_none() && status.signal() == Some(libc::SIGKILL)),
+            "{} #{i}: {status}, expected exit 0 or SIGKILL",
+            ops[op]
+        );
 
         let v = run(imgcache()
             .arg("verify")

@@ -1,5 +1,6 @@
 //! Download faults, injected by the fault server: each leaves the cache complete or clean.
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use crate::support::fault_server::{Action, FaultServer, Image};
@@ -191,7 +192,12 @@ fn sigkill_mid_download_then_rerun_resumes_and_verifies() {
         assert!(waited < 1500, "download never reached 1 MiB");
     }
     child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "killed mid-download: {status}"
+    );
     let kept = std::fs::metadata(&part).unwrap().len();
     assert!(kept > 0 && kept < data.len() as u64);
     assert!(!cache.base().join(&name).exists());

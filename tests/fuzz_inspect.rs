@@ -11,25 +11,11 @@ use std::time::{Duration, Instant};
 
 use imgcache::inspect::{self, Limits, Source};
 
-use crate::support::qemu_img;
+use crate::support::{Rng, qemu_img};
 
 /// Upper bound on what one inspection may read, whatever the input (VMDK descriptors are the
 /// largest region: 1 MiB, plus headers).
 const MAX_READ: u64 = (1 << 20) + (64 << 10);
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn seeds() -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().unwrap();
@@ -169,7 +155,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
             _ => {
                 let n = rng.below(64);
                 let at = rng.below(d.len().min(1024) + 1);
-                let junk: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let junk: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 d.splice(at..at, junk);
             }
         }
@@ -195,7 +181,7 @@ fn inspector_survives_mutated_headers() {
         });
     eprintln!("inspector fuzz: seed {seed}, {seconds} s (IMGCACHE_FUZZ_SEED replays)");
     let seeds = seeds();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let limits = Limits {
         allow_luks: true,
         ..Limits::default()

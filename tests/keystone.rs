@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::support::proxy::Proxy;
+use crate::support::service::{Service, Started};
 use crate::support::{Cache, entry_name, imgcache, make_qcow2, run, test_bytes};
 
 /// A running Keystone + Glance stack.
@@ -19,62 +20,31 @@ pub struct Stack {
     pub glance: String,
 }
 
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/keystone")
-}
+static STACK: Service<Stack> = Service::new(
+    "keystone",
+    "stack-up",
+    "stack-down",
+    "imgcache-ks-",
+    "scripts/keystone/install and scripts/glance/install",
+    Stack::ready,
+);
 
-static STACKS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-extern "C" fn stop_stacks() {
-    if let Ok(dirs) = STACKS.lock() {
-        for d in dirs.iter() {
-            let _ = Command::new(scripts().join("stack-down")).arg(d).output();
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-fn stack_up(token_expiration: Option<u64>) -> Stack {
-    let dir = tempfile::Builder::new()
-        .prefix("imgcache-ks-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let mut cmd = Command::new(scripts().join("stack-up"));
-    cmd.arg(&dir);
-    if let Some(t) = token_expiration {
-        cmd.env("IMGCACHE_KEYSTONE_TOKEN_EXPIRATION", t.to_string());
-    }
-    let out = cmd.output().expect("stack-up");
-    assert!(
-        out.status.success(),
-        "cannot start Keystone + Glance (run scripts/keystone/install and scripts/glance/install): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stack json");
-    {
-        let mut dirs = STACKS.lock().unwrap();
-        if dirs.is_empty() {
-            // SAFETY: registering a plain extern "C" function with no captured state.
-            unsafe {
-                libc::atexit(stop_stacks);
-            }
-        }
-        dirs.push(dir.clone());
-    }
-    Stack {
-        keystone: v["keystone"].as_str().unwrap().to_owned(),
-        glance: v["glance"].as_str().unwrap().to_owned(),
-        dir,
-    }
-}
-
+/// The shared stack, started on first use.
+#[track_caller]
 fn stack() -> &'static Stack {
-    static S: OnceLock<Stack> = OnceLock::new();
-    S.get_or_init(|| stack_up(None))
+    STACK.shared()
 }
 
 impl Stack {
+    /// From stack-up's JSON line.
+    fn ready(s: &Started) -> Result<Stack, String> {
+        Ok(Stack {
+            keystone: s.json_str("keystone")?,
+            glance: s.json_str("glance")?,
+            dir: s.dir.clone(),
+        })
+    }
+
     /// `KEY=value` pairs from an env file written by setup-cloud (openrc or app-cred.env).
     fn env_file(&self, name: &str) -> BTreeMap<String, String> {
         std::fs::read_to_string(self.dir.join(name))
@@ -118,6 +88,10 @@ impl Stack {
 
     /// Uploads a file as the demo user; returns the image id.
     fn upload(&self, name: &str, disk_format: &str, file: &Path) -> String {
+        // Glance on sqlite fails concurrent uploads now and then (500, "database is locked"),
+        // as with the plain real Glance (support::glance): tests upload one at a time.
+        static UPLOADS: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
         let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance/upload"))
             .args([&self.glance, name])
             .arg(file)
@@ -266,7 +240,7 @@ fn token_expiring_during_a_slow_fetch_is_renewed_and_the_download_resumes() {
     // A stack whose tokens live 20 s, and a proxy that makes the download take longer and cuts
     // it once: the resume request carries the expired token, Glance answers 401, imgcache logs in
     // again and resumes.
-    let s = stack_up(Some(20));
+    let s = STACK.start(&[("IMGCACHE_KEYSTONE_TOKEN_EXPIRATION", "20")]);
     let tmp = tempfile::tempdir().unwrap();
     let data = test_bytes(6 << 20, 106);
     let f = tmp.path().join("slow");
@@ -308,10 +282,11 @@ fn secrets_never_appear_in_any_output_even_with_vv() {
     let appcred = s.env_file("app-cred.env");
     let mut bad = openrc.clone();
     bad.insert("OS_PASSWORD".into(), "demo-secret-but-wrong".into());
-    let runs: Vec<(BTreeMap<String, String>, Vec<String>)> = vec![
-        (openrc.clone(), vec!["fetch".into(), id.clone()]),
-        (appcred.clone(), vec!["fetch".into(), id.clone()]),
-        (bad.clone(), vec!["fetch".into(), id.clone()]),
+    // Each run with the exit code it must give: a run that fails early proves nothing.
+    let runs: Vec<(BTreeMap<String, String>, Vec<String>, i32)> = vec![
+        (openrc.clone(), vec!["fetch".into(), id.clone()], 0),
+        (appcred.clone(), vec!["fetch".into(), id.clone()], 0),
+        (bad.clone(), vec!["fetch".into(), id.clone()], 10),
         (
             BTreeMap::from([("OS_AUTH_TOKEN".to_owned(), token.clone())]),
             vec![
@@ -320,26 +295,30 @@ fn secrets_never_appear_in_any_output_even_with_vv() {
                 s.glance.clone(),
                 id.clone(),
             ],
+            0,
         ),
         (
             openrc.clone(),
             vec!["create".into(), "vm-s".into(), "--image".into(), id.clone()],
+            0,
         ),
-        (openrc.clone(), vec!["prune".into(), "--dry-run".into()]),
-        (openrc.clone(), vec!["list".into()]),
-        (openrc.clone(), vec!["verify".into()]),
-        (openrc.clone(), vec!["config".into(), "show".into()]),
+        (openrc.clone(), vec!["prune".into(), "--dry-run".into()], 0),
+        (openrc.clone(), vec!["list".into()], 0),
+        (openrc.clone(), vec!["verify".into()], 0),
+        (openrc.clone(), vec!["config".into(), "show".into()], 0),
         (
             appcred.clone(),
             vec!["config".into(), "show".into(), "--json".into()],
+            0,
         ),
         (
             openrc.clone(),
             vec!["inspect".into(), qcow.display().to_string()],
+            0,
         ),
-        (openrc.clone(), vec!["fetch".into(), "--help".into()]),
+        (openrc.clone(), vec!["fetch".into(), "--help".into()], 0),
     ];
-    for (env, args) in runs {
+    for (env, args, code) in runs {
         let mut cmd = imgcache();
         cmd.arg("-vv")
             .args(&args)
@@ -363,5 +342,10 @@ fn secrets_never_appear_in_any_output_even_with_vv() {
                 r.stderr
             );
         }
+        assert_eq!(
+            r.code, code,
+            "{args:?}: exit code\n--- stdout\n{}\n--- stderr\n{}",
+            r.stdout, r.stderr
+        );
     }
 }

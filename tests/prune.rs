@@ -346,6 +346,7 @@ fn quiet_prune_prints_nothing_when_nothing_was_done() {
     assert_eq!(r.stdout, "");
     assert_eq!(r.stderr, "");
     let r = prune(&cache, &[]);
+    r.assert_code(0);
     assert!(r.stdout.starts_with("nothing to prune"), "{}", r.stdout);
 }
 

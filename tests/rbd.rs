@@ -3,63 +3,43 @@
 //! "hosts" importing at once, delete + prune leaving the pool clean, prune never touching an image
 //! with clones, and the direct-clone path from an `rbd://` location.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use crate::support::fault_server::{FaultServer, Image};
 use crate::support::glance::real;
+use crate::support::service::{Service, Started};
 use crate::support::{Cache, entry_name, imgcache, run, test_bytes};
 
 struct Ceph {
-    dir: PathBuf,
     conf: PathBuf,
     fsid: String,
 }
 
-static CEPH: OnceLock<Ceph> = OnceLock::new();
+static CEPH: Service<Ceph> = Service::new(
+    "ceph",
+    "start",
+    "stop",
+    "imgcache-ceph-",
+    "scripts/ceph/install",
+    Ceph::ready,
+);
 
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph")
-}
-
-extern "C" fn stop_ceph() {
-    if let Some(c) = CEPH.get() {
-        let _ = Command::new(scripts().join("stop")).arg(&c.dir).output();
-        let _ = std::fs::remove_dir_all(&c.dir);
-    }
-}
-
+/// The shared Ceph cluster, started on first use.
+#[track_caller]
 fn ceph() -> &'static Ceph {
-    CEPH.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("imgcache-ceph-")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let out = Command::new(scripts().join("start"))
-            .arg(&dir)
-            .output()
-            .expect("ceph start");
-        assert!(
-            out.status.success(),
-            "cannot start Ceph (run scripts/ceph/install): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ceph json");
-        // SAFETY: registering a plain extern "C" function with no captured state.
-        unsafe {
-            libc::atexit(stop_ceph);
-        }
-        Ceph {
-            conf: PathBuf::from(v["conf"].as_str().unwrap()),
-            fsid: v["fsid"].as_str().unwrap().to_owned(),
-            dir,
-        }
-    })
+    CEPH.shared()
 }
 
 impl Ceph {
+    /// From scripts/ceph/start's JSON line.
+    fn ready(s: &Started) -> Result<Ceph, String> {
+        Ok(Ceph {
+            conf: PathBuf::from(s.json_str("conf")?),
+            fsid: s.json_str("fsid")?,
+        })
+    }
+
     fn rbd(&self, args: &[&str]) -> Vec<u8> {
         let out = Command::new("timeout")
             .arg("60")

@@ -2,58 +2,45 @@
 //! by `scripts/glance/start` and stopped at exit by `scripts/glance/stop`. Tests that use it fail
 //! (never skip) when it cannot start: run `scripts/glance/install` first (the test script does).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
+
+use super::service::{Service, Started};
 
 /// The shared real Glance.
 pub struct RealGlance {
     pub url: String,
-    dir: PathBuf,
 }
 
-static GLANCE: OnceLock<RealGlance> = OnceLock::new();
+static GLANCE: Service<RealGlance> = Service::new(
+    "glance",
+    "start",
+    "stop",
+    "imgcache-glance-",
+    "scripts/glance/install",
+    RealGlance::ready,
+);
 static UPLOADS: Mutex<()> = Mutex::new(());
 
-fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance")
-}
-
-extern "C" fn stop_at_exit() {
-    if let Some(g) = GLANCE.get() {
-        let _ = Command::new(scripts().join("stop")).arg(&g.dir).output();
-        let _ = std::fs::remove_dir_all(&g.dir);
-    }
-}
-
 /// Starts Glance on first use; every later call returns the same one.
+#[track_caller]
 pub fn real() -> &'static RealGlance {
-    GLANCE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("imgcache-glance-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        let out = Command::new(scripts().join("start"))
-            .arg(&dir)
-            .output()
-            .expect("run scripts/glance/start");
-        assert!(
-            out.status.success(),
-            "cannot start the real Glance (run scripts/glance/install): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        // SAFETY: registering a plain extern "C" function with no captured state.
-        unsafe {
-            libc::atexit(stop_at_exit);
-        }
-        RealGlance { url, dir }
-    })
+    GLANCE.shared()
 }
 
 impl RealGlance {
+    /// From scripts/glance/start's one line: the base URL.
+    fn ready(s: &Started) -> Result<RealGlance, String> {
+        let url = s.stdout.trim();
+        if !url.starts_with("http://127.0.0.1:") || url.lines().count() != 1 {
+            return Err(format!("not one base URL: {url:?}"));
+        }
+        Ok(RealGlance {
+            url: url.to_owned(),
+        })
+    }
+
     fn http() -> reqwest::blocking::Client {
         reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(300))

@@ -3,6 +3,7 @@
 pub mod fault_server;
 pub mod glance;
 pub mod proxy;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -185,18 +186,43 @@ pub fn md5_hex(data: &[u8]) -> String {
     hex::encode(md5::Md5::digest(data))
 }
 
-/// Deterministic pseudo-random bytes (xorshift), with a zero run in the middle so images have
-/// both data and holes.
-pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
+/// A seeded xorshift64 generator (shifts 13, 7, 17): the same seed gives the same sequence, so
+/// test images are stable and a random campaign can be replayed from its printed seed.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Panics on 0, the one state xorshift never leaves.
+    pub fn new(seed: u64) -> Rng {
+        assert_ne!(seed, 0, "xorshift needs a non-zero seed");
+        Rng(seed)
     }
-    v.truncate(len);
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// Fills `buf` with the little-endian bytes of successive numbers (the last one cut short).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let x = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&x[..chunk.len()]);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes ([`Rng`] seeded with `seed | 1`), with a zero run in the
+/// middle so images have both data and holes.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0; len];
+    Rng::new(seed | 1).fill(&mut v);
     let (a, b) = (len / 3, len / 2);
     v[a..b].fill(0);
     v
@@ -248,4 +274,38 @@ pub fn raw_to_qcow2(src: &Path, dst: &Path) {
         src.to_str().expect("utf8"),
         dst.to_str().expect("utf8"),
     ]);
+}
+
+/// Images (and the hashes tests compare) depend on these exact bytes.
+#[test]
+fn test_bytes_and_rng_are_stable() {
+    let mut rng = Rng::new(1);
+    assert_eq!(
+        [rng.next_u64(), rng.next_u64(), rng.next_u64()],
+        [0x4082_2041, 0x1000_4106_0c01_1441, 0x9b1e_842f_6e86_2629]
+    );
+    for (len, seed, sha512) in [
+        (
+            13,
+            3,
+            "e3731800ae09564f416eefa3128ba7b261663a0d054843bc9421194f9b076f6cfbce6be223c265f1cc06e0706cb5b32268281a453c43097fb11bf3508c984f15",
+        ),
+        (
+            1000,
+            0,
+            "7ba8ae1a79816e32d17932394a3873dcc254b0cb3424c1e384a8e851514694c81341f0c0911a14cec2a44d8cc94159ca0f996f1c93e94a23cf303580b66153e8",
+        ),
+        (
+            300_000,
+            46,
+            "8b83195cc08d637ec7c2198e57e4d28356e3a6aaf8792dfe4ef819b799e2aa669452116252892f832c1359fa41983e1240bfa4894bc86193879f031b782f17d4",
+        ),
+        (
+            1 << 20,
+            21,
+            "e91a9ef7963fb278ae9336f200dc172f9999ceb03ffffa79f66a7b6fc39849e5c00c0d559470a35d535200b45c186d0c090d779426822ac4d8a76e3e0183b44b",
+        ),
+    ] {
+        assert_eq!(sha512_hex(&test_bytes(len, seed)), sha512, "{len} {seed}");
+    }
 }
