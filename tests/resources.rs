@@ -50,6 +50,28 @@ fn base_files(instances: &Path) -> Vec<String> {
 }
 
 #[test]
+fn body_longer_than_the_record_stops_at_its_size_not_at_a_full_disk() {
+    // The record says 1 MiB; the server sends 64 MiB into a 16 MiB filesystem. Reading on
+    // would end in "no space" (exit 9); the cap ends it as an integrity error.
+    let fs = Tmpfs::new("16m", "");
+    let mut image = Image::raw("long", test_bytes(64 << 20, 92));
+    image.size = 1 << 20;
+    let srv = FaultServer::start(image);
+    let r = fetch(fs.path(), &srv.url, "long");
+    r.assert_code(6);
+    assert!(
+        r.stderr.contains("more than the 1048576 bytes"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        base_files(fs.path()).is_empty(),
+        "{:?}",
+        base_files(fs.path())
+    );
+}
+
+#[test]
 fn full_filesystem_during_download_leaves_nothing_and_keeps_entries() {
     let fs = Tmpfs::new("8m", "");
     let small = test_bytes(1 << 20, 90);

@@ -10,9 +10,9 @@ use std::thread;
 
 use anyhow::{Context, Result};
 
-use super::Options;
 use super::hash::{CHUNK, Digests, HashThread, ToHasher};
 use super::retry;
+use super::{Error, Options};
 use crate::fsutil;
 use crate::glance::{self, Client, Data, Image};
 use crate::progress::{Reporter, Transfer};
@@ -129,10 +129,21 @@ impl Download<'_> {
                 if self.image.size.is_none() {
                     self.bar.set_length(len);
                 }
+                if let (Some(size), Some(len)) = (self.image.size, len)
+                    && len > size
+                {
+                    return Err(self.too_long(size));
+                }
                 body
             }
         };
-        let pumped = pump(&mut body, file, hasher, *pos, self.bar);
+        // Never read more than the record promises (one byte more tells a longer body): an
+        // endless or oversized body must not fill the disk.
+        let cap = self
+            .image
+            .size
+            .map_or(u64::MAX, |s| s.saturating_sub(*pos) + 1);
+        let pumped = pump(&mut (&mut body).take(cap), file, hasher, *pos, self.bar);
         match pumped {
             Ok(n) => *pos += n,
             Err(PumpError::Read(e, n)) => {
@@ -149,12 +160,23 @@ impl Download<'_> {
             }
         }
         Ok(match self.image.size {
+            Some(s) if *pos > s => return Err(self.too_long(s)),
             Some(s) if *pos < s => Some(glance::Error::Transport {
                 url: format!("image {id} data"),
                 detail: format!("body ended early at {pos} of {s} bytes"),
             }),
             _ => None,
         })
+    }
+}
+
+impl Download<'_> {
+    fn too_long(&self, expected: u64) -> anyhow::Error {
+        Error::TooLong {
+            id: self.image.id.clone(),
+            expected,
+        }
+        .into()
     }
 }
 

@@ -46,6 +46,10 @@ pub enum Error {
         got: String,
     },
     #[error(
+        "image {id}: Glance sends more than the {expected} bytes its record says; the download was stopped there and discarded — the image in Glance may be corrupt"
+    )]
+    TooLong { id: String, expected: u64 },
+    #[error(
         "image {id} has no checksum or os_hash in Glance, so it cannot be verified; refusing to cache it"
     )]
     NoHash { id: String },
@@ -73,9 +77,10 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::NotActive { .. } => Kind::NotUsable,
-            Error::Size { .. } | Error::Hash { .. } | Error::ConvertedSize { .. } => {
-                Kind::Integrity
-            }
+            Error::Size { .. }
+            | Error::TooLong { .. }
+            | Error::Hash { .. }
+            | Error::ConvertedSize { .. } => Kind::Integrity,
             Error::NoHash { .. } | Error::UnsupportedHash { .. } => Kind::Integrity,
             Error::NoSpace { .. } => Kind::NoSpace,
         }
