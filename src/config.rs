@@ -38,6 +38,7 @@ pub const KEYS: &[&str] = &[
     "force_raw",
     "allow_direct_file",
     "max_virtual_size",
+    "max_image_size",
     "min_age",
     "min_age_resized",
     "temp_age",

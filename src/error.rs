@@ -34,6 +34,9 @@ pub enum Kind {
     Conflict,
     /// The cache (or instance) directory cannot be written: read-only filesystem, permissions.
     NotWritable,
+    /// Something that is not ours to trust sits where the cache expects a regular file of its own
+    /// (a symlink, FIFO, device or directory): refused, never followed, never deleted.
+    Untrusted,
 }
 
 impl Kind {
@@ -53,6 +56,7 @@ impl Kind {
             Kind::Tool => 11,
             Kind::Conflict => 12,
             Kind::NotWritable => 14,
+            Kind::Untrusted => 15,
         }
     }
 
@@ -72,6 +76,7 @@ impl Kind {
             Kind::Tool => "tool",
             Kind::Conflict => "conflict",
             Kind::NotWritable => "not-writable",
+            Kind::Untrusted => "untrusted",
         }
     }
 }
@@ -94,6 +99,7 @@ Exit codes:
   12  an instance disk exists and differs from the request (use --force)
   13  prune: entries in use alone exceed --max-size
   14  the cache directory is not writable (read-only filesystem, permission denied)
+  15  a symlink, FIFO or other non-regular file sits where the cache expects its own file
 With several image ids, the exit code is that of the first failed id in command-line order.";
 
 /// A usage error raised after argument parsing (for example an invalid image id).
@@ -111,6 +117,9 @@ impl std::error::Error for UsageError {}
 /// The exit-code kind an I/O error on the cache has of its own: a full filesystem or quota, or a
 /// directory that cannot be written (read-only filesystem, permissions). `None` for the rest.
 pub fn io_kind(e: &std::io::Error) -> Option<Kind> {
+    if e.get_ref().is_some_and(|inner| inner.is::<Untrusted>()) {
+        return Some(Kind::Untrusted);
+    }
     if is_no_space(e) {
         return Some(Kind::NoSpace);
     }
@@ -136,6 +145,26 @@ pub fn chain(e: &anyhow::Error) -> String {
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// A file under the cache that is not a regular file of ours (carried inside an `io::Error` of
+/// kind `InvalidInput`, so every I/O path reports it with its own exit code).
+#[derive(Debug)]
+pub struct Untrusted(pub String);
+
+impl fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Untrusted {}
+
+impl Untrusted {
+    /// As an `io::Error`, for the I/O paths that carry it.
+    pub fn io(message: String) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, Untrusted(message))
+    }
 }
 
 /// An error that arrives with its kind already decided (a token source's failure, handed across

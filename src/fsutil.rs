@@ -11,6 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use crate::error::Untrusted;
+
 /// Largest JSON document of ours read back (records, `imgcache.json`, `disk.info`).
 pub const MAX_DOCUMENT: u64 = 4 << 20;
 
@@ -18,7 +20,7 @@ pub const MAX_DOCUMENT: u64 = 4 << 20;
 const SAFE: i32 = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
 
 /// Opens an existing regular file for reading. A symlink, FIFO, device or directory is refused
-/// with `InvalidInput` naming what it is.
+/// with an [`Untrusted`] error (exit code 15) naming the path and what it is.
 pub fn open_regular(path: &Path) -> io::Result<File> {
     open_checked(OpenOptions::new().read(true), path)
 }
@@ -66,26 +68,20 @@ fn check_regular(file: &File, path: &Path) -> io::Result<()> {
     if meta.is_file() {
         return Ok(());
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!(
-            "{} is {}, not a regular file; remove it",
-            path.display(),
-            describe_type(&meta)
-        ),
-    ))
+    Err(Untrusted::io(format!(
+        "{} is {}, not a regular file; imgcache does not use it — remove it if it is not yours",
+        path.display(),
+        describe_type(&meta)
+    )))
 }
 
 /// ELOOP from `O_NOFOLLOW` means "a symlink is there": say so.
 fn explain_nofollow(e: io::Error, path: &Path) -> io::Error {
     if e.raw_os_error() == Some(libc::ELOOP) {
-        return io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} is a symlink; imgcache never follows links in the cache, remove it",
-                path.display()
-            ),
-        );
+        return Untrusted::io(format!(
+            "{} is a symlink; imgcache never follows links in the cache — remove it if it is not yours",
+            path.display()
+        ));
     }
     e
 }
@@ -158,6 +154,15 @@ pub fn remove_file(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Removes a file of ours: a regular file at `path`, never a symlink, FIFO or anything else
+/// someone put there. `Ok(false)` if no regular file was there.
+pub fn remove_own(path: &Path) -> io::Result<bool> {
+    match stat(path)? {
+        Some(m) if m.is_file() => remove_file(path),
+        _ => Ok(false),
+    }
+}
+
 /// Removes a directory tree without following symlinks inside it (std's `remove_dir_all`,
 /// CVE-2022-21658 fixed).
 pub fn remove_tree(path: &Path) -> io::Result<()> {
@@ -216,6 +221,19 @@ pub fn persist(tmp: &Path, dest: &Path) -> io::Result<()> {
     open_regular(tmp)?.sync_all()?;
     fs::rename(tmp, dest)?;
     sync_dir(dest.parent().unwrap_or(Path::new(".")))
+}
+
+/// `Ok(())` if nothing or a regular file is at `path`; an [`Untrusted`] error for anything else
+/// (a symlink, a FIFO, a directory).
+pub fn check_not_foreign(path: &Path) -> io::Result<()> {
+    match stat(path)? {
+        Some(m) if !m.is_file() => Err(Untrusted::io(format!(
+            "{} is {}, not a regular file; imgcache does not use it — remove it if it is not yours",
+            path.display(),
+            describe_type(&m)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// 16 hex digits from the kernel's random pool (a hashed clock and pid if it is unavailable).

@@ -45,6 +45,18 @@ pub enum Error {
     Transport { url: String, detail: String },
     #[error("Glance sent an image record for {id} that cannot be read: {detail}")]
     BadRecord { id: String, detail: String },
+    #[error(
+        "Glance answered the request for image {asked} with the record of image {got}; refusing it (a proxy or Glance itself is misbehaving)"
+    )]
+    WrongRecord { asked: String, got: String },
+    #[error(
+        "Glance answered {status} for {url}, a redirect to {location}; redirects are not followed (the token would go with them): point --glance-url at the Glance API itself"
+    )]
+    Redirect {
+        url: String,
+        status: u16,
+        location: String,
+    },
     #[error("invalid Glance URL {url:?}: {detail}; pass e.g. --glance-url http://controller:9292")]
     BadUrl { url: String, detail: String },
     #[error(transparent)]
@@ -64,6 +76,8 @@ impl Error {
                 Kind::Unavailable
             }
             Error::BadUrl { .. } => Kind::Usage,
+            Error::WrongRecord { .. } => Kind::Integrity,
+            Error::Redirect { .. } => Kind::Unavailable,
             Error::Http(e) => e.kind(),
             Error::Credentials { kind, .. } => *kind,
         }
@@ -257,10 +271,19 @@ impl Client {
             id: id.to_owned(),
             detail: e.to_string(),
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
+        let image: Image = serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
             id: id.to_owned(),
             detail: e.to_string(),
-        })
+        })?;
+        // Case aside (a MySQL-backed Glance matches ids case-insensitively), the record must be
+        // the image asked for.
+        if !image.id.eq_ignore_ascii_case(id) {
+            return Err(Error::WrongRecord {
+                asked: id.to_owned(),
+                got: image.id,
+            });
+        }
+        Ok(image)
     }
 
     /// `GET /v2/images/{id}/file`, from `offset` with `Range: bytes=offset-` when it is not 0.
@@ -322,6 +345,19 @@ fn credentials(e: Classified) -> Error {
 
 fn status_error(url: &str, resp: Response) -> Error {
     let status = resp.status().as_u16();
+    if resp.status().is_redirection() {
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(summarize)
+            .unwrap_or_else(|| "(no Location)".into());
+        return Error::Redirect {
+            url: url.to_owned(),
+            status,
+            location,
+        };
+    }
     if status == 401 || status == 403 {
         return Error::Auth {
             url: url.to_owned(),

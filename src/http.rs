@@ -92,6 +92,10 @@ impl HttpSettings {
             .connect_timeout(self.connect_timeout)
             .timeout(self.read_timeout)
             .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+            // Glance and Keystone answer where they are asked; a redirect is never followed, so
+            // the token is never sent to an origin nobody configured.
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
             .danger_accept_invalid_certs(self.insecure);
         if let Some(path) = &self.cacert {
             let ca_error = |detail: String| Error::CaCert {

@@ -176,14 +176,18 @@ impl Template<'_> {
             return Ok(path);
         }
         let tmp = entry.part_path();
+        // Anything but our own regular files at these paths is refused, never followed.
+        for p in [&path, &tmp] {
+            fsutil::check_not_foreign(p).with_context(|| format!("template {}", self.name))?;
+        }
         // Under the lock a `.part` is a killed run's: start from a new file.
-        fsutil::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+        fsutil::remove_own(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
         let result = self.format(&binary, &tmp).and_then(|()| {
             fsutil::persist(&tmp, &path)
                 .with_context(|| format!("cannot move {} into place", path.display()))
         });
         if result.is_err() {
-            let _ = fsutil::remove_file(&tmp);
+            let _ = fsutil::remove_own(&tmp);
         }
         result.map(|()| path)
     }

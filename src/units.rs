@@ -66,8 +66,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     n.checked_mul(secs)
+        .filter(|&total| total <= MAX_DURATION_SECS)
         .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
+        .ok_or_else(|| format!("{s:?} is too long; the most is 100 years"))
+}
+
+/// Longest duration accepted: deadlines are computed as now + duration, which must not overflow.
+const MAX_DURATION_SECS: u64 = 100 * 366 * 86_400;
+
+/// Like [`parse_duration`], but zero is refused (a timeout of 0 would fail every request).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: a timeout must be longer than 0"));
+    }
+    Ok(d)
 }
 
 /// `3d 4h`, `2h 10m`, `45s`.
@@ -163,6 +176,10 @@ mod tests {
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("10000000000000000000").is_err());
+        assert!(parse_duration("36600d").is_ok());
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("0s").unwrap_err().contains("longer than 0"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod create;
 mod fetch_faults;
 mod fetch_real;
 mod fuzz_inspect;
+mod hostile;
 mod keystone;
 mod prune;
 mod rbd;

@@ -72,6 +72,33 @@ fn body_longer_than_the_record_stops_at_its_size_not_at_a_full_disk() {
 }
 
 #[test]
+fn a_direct_url_file_longer_than_the_record_is_read_only_to_its_size() {
+    // A 64 MiB (sparse) store file for a 1 MiB record, into a 16 MiB filesystem: reading it
+    // all would end in "no space"; the cap stops one byte past the record's size.
+    let fs = Tmpfs::new("16m", "");
+    let store = tempfile::tempdir().unwrap();
+    let file = store.path().join("img");
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let mut image = Image::raw("img", test_bytes(1 << 20, 93));
+    image.direct_url = Some(format!("file://{}", file.display()));
+    let srv = FaultServer::start(image);
+    let r = run(crate::support::imgcache()
+        .arg("fetch")
+        .arg("--instances-path")
+        .arg(fs.path())
+        .args(["--glance-url", &srv.url, "--allow-direct-file", "img"]));
+    r.assert_code(6);
+    assert!(r.stderr.contains("size mismatch"), "{}", r.stderr);
+    assert!(
+        base_files(fs.path()).is_empty(),
+        "{:?}",
+        base_files(fs.path())
+    );
+}
+
+#[test]
 fn full_filesystem_during_download_leaves_nothing_and_keeps_entries() {
     let fs = Tmpfs::new("8m", "");
     let small = test_bytes(1 << 20, 90);

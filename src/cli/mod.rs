@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::EXIT_CODES_HELP;
-use crate::units::parse_duration;
+use crate::units::{parse_duration, parse_timeout};
 
 /// Keeps the VM image cache of a compute host: verified, locked, atomic downloads of Glance
 /// images into `<instances_path>/_base`, converted to raw, in Nova's layout.
@@ -250,12 +250,12 @@ pub struct GlanceArgs {
     pub insecure: bool,
 
     /// Connect timeout (e.g. 10s).
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
     /// Longest silence while waiting for Glance's answer or the next bytes of an image; a
     /// stalled transfer is then retried (and resumed).
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "60s", value_parser = parse_timeout, value_name = "DURATION")]
     pub read_timeout: Duration,
 
     /// Retries after connection errors, timeouts, 5xx and 429 (attempts that made progress
@@ -287,6 +287,11 @@ pub struct FetchOpts {
     /// Refuse images whose header claims a larger virtual size (e.g. 4T).
     #[arg(long, default_value = "2T", value_name = "SIZE")]
     pub max_virtual_size: String,
+
+    /// Most bytes downloaded for an image whose Glance record has no size (otherwise the
+    /// record's size is the cap).
+    #[arg(long, default_value = "1T", value_name = "SIZE")]
+    pub max_image_size: String,
 }
 
 /// `imgcache fetch`.
@@ -367,7 +372,7 @@ pub struct RbdArgs {
     pub instances_pool: String,
 
     /// Longest any single rbd/ceph command may run (imports of big images need long).
-    #[arg(long, default_value = "30m", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "30m", value_parser = parse_timeout, value_name = "DURATION")]
     pub rbd_timeout: Duration,
 }
 

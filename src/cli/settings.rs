@@ -167,6 +167,7 @@ fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageErr
             max_virtual_size: parse_size("--max-virtual-size", &f.max_virtual_size)?,
             allow_luks: false,
         },
+        max_image_size: parse_size("--max-image-size", &f.max_image_size)?,
     })
 }
 

@@ -137,12 +137,10 @@ impl Download<'_> {
                 body
             }
         };
-        // Never read more than the record promises (one byte more tells a longer body): an
-        // endless or oversized body must not fill the disk.
-        let cap = self
-            .image
-            .size
-            .map_or(u64::MAX, |s| s.saturating_sub(*pos) + 1);
+        // Never read more than the record promises (one byte more tells a longer body), or than
+        // --max-image-size when it promises nothing: an endless body must not fill the disk.
+        let limit = self.image.size.unwrap_or(self.opts.max_image_size);
+        let cap = limit.saturating_sub(*pos) + 1;
         let pumped = pump(&mut (&mut body).take(cap), file, hasher, *pos, self.bar);
         match pumped {
             Ok(n) => *pos += n,
@@ -158,6 +156,13 @@ impl Download<'_> {
                     anyhow::Error::new(e).context(format!("cannot write {}", self.part.display()))
                 );
             }
+        }
+        if self.image.size.is_none() && *pos > limit {
+            return Err(Error::NoSizeTooLarge {
+                id: id.to_owned(),
+                limit,
+            }
+            .into());
         }
         Ok(match self.image.size {
             Some(s) if *pos > s => return Err(self.too_long(s)),
@@ -240,17 +245,27 @@ fn fill(src: &mut dyn Read, buf: &mut [u8]) -> (usize, Fill) {
     (filled, Fill::More)
 }
 
-/// Copies a `file://` direct_url into `part`, hashing the same way.
+/// Copies a `file://` direct_url into `part`, hashing the same way. Only a regular file is
+/// read, and never past `limit` (the record's size, or `--max-image-size`) plus one byte.
 pub fn download_direct(
     src: &Path,
     part: &Path,
     algo: &str,
+    limit: u64,
     rep: &dyn Reporter,
     bar: &dyn Transfer,
 ) -> Result<(u64, Digests)> {
     rep.debug(&format!("reading {} directly", src.display()));
-    let mut input =
+    let input =
         File::open(src).with_context(|| format!("cannot open direct_url {}", src.display()))?;
+    if !input.metadata().is_ok_and(|m| m.is_file()) {
+        anyhow::bail!(
+            "direct_url {} is not a regular file; refusing to read it (drop --allow-direct-file or fix the Glance store)",
+            src.display()
+        );
+    }
+    // A longer file is cut here; the size check that follows reports it.
+    let mut input = input.take(limit.saturating_add(1));
     let mut file = open_part(part)?;
     if file.metadata().map(|m| m.len()).unwrap_or(1) > 0 {
         truncate(&mut file, part)?;
@@ -275,7 +290,7 @@ pub fn direct_file(image: &Image, opts: &Options, rep: &dyn Reporter) -> Option<
     }
     let url = image.direct_url.as_deref()?;
     let path = PathBuf::from(url.strip_prefix("file://")?);
-    if path.is_file() {
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
         Some(path)
     } else {
         rep.warn(&format!(

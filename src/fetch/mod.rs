@@ -13,7 +13,7 @@ mod verify;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 pub use hash::GlanceHash;
 pub use verify::second_opinion;
@@ -50,6 +50,10 @@ pub enum Error {
     )]
     TooLong { id: String, expected: u64 },
     #[error(
+        "image {id} has no size in its Glance record and its data goes past --max-image-size ({limit} bytes); the download was stopped there and discarded — raise --max-image-size if the image is genuine"
+    )]
+    NoSizeTooLarge { id: String, limit: u64 },
+    #[error(
         "image {id} has no checksum or os_hash in Glance, so it cannot be verified; refusing to cache it"
     )]
     NoHash { id: String },
@@ -79,6 +83,7 @@ impl Error {
             Error::NotActive { .. } => Kind::NotUsable,
             Error::Size { .. }
             | Error::TooLong { .. }
+            | Error::NoSizeTooLarge { .. }
             | Error::Hash { .. }
             | Error::ConvertedSize { .. } => Kind::Integrity,
             Error::NoHash { .. } | Error::UnsupportedHash { .. } => Kind::Integrity,
@@ -101,6 +106,8 @@ pub struct Options {
     pub allow_direct_file: bool,
     /// What the inspector accepts.
     pub limits: inspect::Limits,
+    /// Most bytes read for an image whose record has no `size` (and from a `file://` location).
+    pub max_image_size: u64,
 }
 
 /// A cache entry ready to use.
@@ -129,12 +136,12 @@ pub fn ensure(
     rep: &dyn Reporter,
 ) -> Result<Fetched> {
     let entry = cache.image(id)?;
-    if entry.exists() {
+    if let Some(found) = cached(id, &entry, rep)? {
         rep.debug(&format!(
             "image {id}: already cached as {}",
             entry.path().display()
         ));
-        return Ok(cached(id, &entry, rep));
+        return Ok(found);
     }
     // Lock first, then ask Glance: in a herd only the holder talks to Glance, and the waiters
     // find the entry when they get the lock (16 concurrent fetches: 1.09x one fetch instead of
@@ -142,8 +149,14 @@ pub fn ensure(
     cache.ensure_dirs()?;
     let _lock = entry.lock(&format!("image {id}"), opts.lock_timeout, rep)?;
     // Re-check under the lock: whoever held it may have just finished this very image.
+    if let Some(found) = cached(id, &entry, rep)? {
+        return Ok(found);
+    }
     if entry.exists() {
-        return Ok(cached(id, &entry, rep));
+        rep.warn(&format!(
+            "{} does not match its record (size changed); fetching it again",
+            entry.path().display()
+        ));
     }
     rep.debug(&format!(
         "image {id}: not cached; asking Glance for its record"
@@ -163,8 +176,13 @@ pub fn ensure(
         }
         .into());
     }
-    // A `.converted` found under the lock is a killed run's: never resumed.
+    // Under the lock, the entry's own files are ours; anything else at their paths is refused
+    // before a byte is written (never followed, never removed).
     let converted = entry.converted_path();
+    for path in [entry.part_path(), converted.clone(), entry.record_path()] {
+        fsutil::check_not_foreign(&path).with_context(|| format!("image {id}"))?;
+    }
+    // A `.converted` found under the lock is a killed run's: never resumed.
     remove(&converted)?;
     let bar = rep.transfer(id);
     let build = Build {
@@ -177,7 +195,7 @@ pub fn ensure(
     };
     let result = build.entry(glance);
     if result.is_err() {
-        let _ = fsutil::remove_file(&converted);
+        let _ = fsutil::remove_own(&converted);
     }
     Ok(Fetched {
         id: id.to_owned(),
@@ -187,28 +205,33 @@ pub fn ensure(
     })
 }
 
-/// An entry found in the cache, with a warning when its record is missing or disagrees.
-fn cached(id: &str, entry: &Entry<'_>, rep: &dyn Reporter) -> Fetched {
+/// The entry, if it is in the cache and usable: a regular file whose size is its record's (an
+/// entry without a record, made by another tool, is used as it is, with a warning). `None` when
+/// it is absent or no longer matches its record (fetched again under the lock). Anything but a
+/// regular file at the entry's path is refused, never served and never replaced.
+fn cached(id: &str, entry: &Entry<'_>, rep: &dyn Reporter) -> Result<Option<Fetched>> {
     let path = entry.path();
+    let Some(meta) = fsutil::stat(&path)? else {
+        return Ok(None);
+    };
+    if !meta.is_file() {
+        fsutil::check_not_foreign(&path).with_context(|| format!("image {id}"))?;
+    }
     let record = entry.read_record();
     match &record {
         None => rep.warn(&format!(
             "{} has no imgcache record (made by another tool?); using it as it is",
             path.display()
         )),
-        Some(r) if fsutil::stat(&path).ok().flatten().map(|m| m.len()) != Some(r.entry_size) => rep
-            .warn(&format!(
-                "{} does not match its record (size changed); run `imgcache verify`",
-                path.display()
-            )),
+        Some(r) if meta.len() != r.entry_size => return Ok(None),
         Some(_) => {}
     }
-    Fetched {
+    Ok(Some(Fetched {
         id: id.to_owned(),
         path,
         downloaded: false,
         record,
-    }
+    }))
 }
 
 fn remove(path: &std::path::Path) -> Result<()> {
@@ -239,7 +262,10 @@ impl Build<'_> {
         self.bar.stage("downloading");
         let started = std::time::Instant::now();
         let received = match download::direct_file(self.image, self.opts, self.rep) {
-            Some(src) => download::download_direct(&src, &part, &algo, self.rep, self.bar),
+            Some(src) => {
+                let limit = self.image.size.unwrap_or(self.opts.max_image_size);
+                download::download_direct(&src, &part, &algo, limit, self.rep, self.bar)
+            }
             None => download::Download {
                 glance,
                 image: self.image,
@@ -253,7 +279,7 @@ impl Build<'_> {
         let (size, digest) = match received {
             Ok(v) => v,
             Err(e) => {
-                let _ = fsutil::remove_file(&part);
+                let _ = fsutil::remove_own(&part);
                 return Err(e);
             }
         };
@@ -265,7 +291,7 @@ impl Build<'_> {
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
             .and_then(|()| self.inspect_and_persist(&algo, size, &digest.content));
         if verified.is_err() {
-            let _ = fsutil::remove_file(&part);
+            let _ = fsutil::remove_own(&part);
         }
         let record = verified?;
         self.rep.debug(&format!(

@@ -72,7 +72,7 @@ impl Build<'_> {
         fsutil::persist(&made.file, &self.entry.path())
             .with_context(|| format!("cannot move {} into place", made.file.display()))?;
         if convert {
-            fsutil::remove_file(&part)
+            fsutil::remove_own(&part)
                 .with_context(|| format!("cannot remove {}", part.display()))?;
         }
         Ok(record)

@@ -26,6 +26,8 @@ pub enum Action {
     NoContent,
     /// Send headers and this many bytes, then stall for the duration before closing.
     StallAfter(u64, Duration),
+    /// 302 to this absolute URL.
+    Redirect(String),
 }
 
 /// One request the server saw.
@@ -35,6 +37,8 @@ pub struct Seen {
     pub range: Option<String>,
     pub status: u16,
     pub body_bytes: u64,
+    /// The `X-Auth-Token` the request carried.
+    pub token: Option<String>,
 }
 
 /// The image the server serves.
@@ -53,6 +57,10 @@ pub struct Image {
     pub any_id: bool,
     /// `direct_url` in the record, if any.
     pub direct_url: Option<String>,
+    /// Send `"size": null` in the record.
+    pub null_size: bool,
+    /// Send this id in the record instead of the image's.
+    pub record_id: Option<String>,
 }
 
 impl Image {
@@ -68,6 +76,8 @@ impl Image {
             disk_format: "raw".into(),
             any_id: false,
             direct_url: None,
+            null_size: false,
+            record_id: None,
         }
     }
 }
@@ -119,6 +129,11 @@ impl FaultServer {
         self.state.lock().unwrap().pace = pace;
     }
 
+    /// Every request, in arrival order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
     /// Requests for the image data, in order.
     pub fn file_requests(&self) -> Vec<Seen> {
         self.state
@@ -138,15 +153,18 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
     reader.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut range = None;
+    let mut token = None;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("range")
-        {
-            range = Some(v.trim().to_owned());
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_owned());
+            } else if k.eq_ignore_ascii_case("x-auth-token") {
+                token = Some(v.trim().to_owned());
+            }
         }
     }
     let mut out = conn;
@@ -158,6 +176,7 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
             range: range.clone(),
             status: 0,
             body_bytes: 0,
+            token,
         });
         st.seen.len() - 1
     };
@@ -225,6 +244,9 @@ fn serve_file(
             );
         }
         Action::NoContent => return respond(out, 204, &[], b"", None, None),
+        Action::Redirect(to) => {
+            return respond(out, 302, &[("Location", to.clone())], b"", None, None);
+        }
         _ => {}
     }
     let (code, from) = match (start, &action) {
@@ -294,12 +316,12 @@ fn record_json(image: &Image) -> String {
         None => (serde_json::Value::Null, serde_json::Value::Null),
     };
     serde_json::json!({
-        "id": image.id,
+        "id": image.record_id.as_ref().unwrap_or(&image.id),
         "name": "fault-image",
         "status": image.status,
         "disk_format": image.disk_format,
         "container_format": "bare",
-        "size": image.size,
+        "size": if image.null_size { None } else { Some(image.size) },
         "virtual_size": image.size,
         "checksum": image.checksum,
         "os_hash_algo": algo,

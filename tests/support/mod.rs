@@ -63,6 +63,32 @@ pub fn imgcache() -> Command {
     cmd
 }
 
+/// Runs the binary to completion, killing it and failing the test if it is still running after
+/// `guard` (for runs that once hung forever on a FIFO: a hang must fail, not stall the suite).
+#[track_caller]
+pub fn run_guarded(cmd: &mut Command, guard: std::time::Duration) -> Run {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn imgcache");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(guard) {
+        Ok(out) => Run::from(out.expect("wait imgcache")),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            panic!("imgcache still running after {guard:?}: it hung");
+        }
+    }
+}
+
 /// Runs the binary to completion.
 pub fn run(cmd: &mut Command) -> Run {
     Run::from(cmd.output().expect("run imgcache"))

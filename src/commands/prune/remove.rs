@@ -56,7 +56,7 @@ impl Pruner<'_> {
         if !fsutil::exists(&t.path) {
             return Ok(Action::Kept);
         }
-        fsutil::remove_file(&t.path)
+        fsutil::remove_own(&t.path)
             .with_context(|| format!("cannot remove {}", t.path.display()))?;
         if !fsutil::exists(&entry.path()) && lock.is_current() {
             // No entry left to protect: the lock file goes too (same rule as remove_entry).

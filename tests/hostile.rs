@@ -1,0 +1,356 @@
+//! A hostile host and a lying server: files planted under the instances path (symlinks, FIFOs),
+//! an entry that no longer matches its record, redirects, a record for another image, endless
+//! or size-less bodies, a device as a direct_url, absurd durations, and a child that would
+//! outlive us. Each test reproduces what once went wrong (a followed link, a hang, a full disk,
+//! an orphan process) and asserts the refusal, its exit code, and that nothing was touched.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::support::fault_server::{Action, FaultServer, Image};
+use crate::support::{Cache, entry_name, imgcache, make_qcow2, run, run_guarded, test_bytes};
+
+/// Long enough for any of these runs on a loaded machine; only a hang reaches it.
+const GUARD: Duration = Duration::from_secs(120);
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+fn server(id: &str, seed: u64) -> (FaultServer, Vec<u8>) {
+    let data = test_bytes(1 << 20, seed);
+    (FaultServer::start(Image::raw(id, data.clone())), data)
+}
+
+#[test]
+fn a_symlink_planted_at_the_part_file_is_refused_and_its_target_untouched() {
+    let cache = Cache::new();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("precious");
+    std::fs::write(&target, b"precious").unwrap();
+    std::fs::create_dir_all(cache.base()).unwrap();
+    let part = cache.base().join(format!("{}.part", entry_name("img")));
+    symlink(&target, &part).unwrap();
+    let (srv, _) = server("img", 1);
+    let r = run_guarded(cache.fetch(&srv.url).arg("img"), GUARD);
+    r.assert_code(15);
+    assert!(r.stderr.contains("is a symlink"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    // Not ours: left where it is, and no entry was made.
+    assert!(
+        std::fs::symlink_metadata(&part)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(!cache.base().join(entry_name("img")).exists());
+}
+
+#[test]
+fn a_fifo_at_the_part_file_is_refused_without_hanging() {
+    let cache = Cache::new();
+    std::fs::create_dir_all(cache.base()).unwrap();
+    mkfifo(&cache.base().join(format!("{}.part", entry_name("img"))));
+    let (srv, _) = server("img", 2);
+    let r = run_guarded(cache.fetch(&srv.url).arg("img"), GUARD);
+    r.assert_code(15);
+    assert!(r.stderr.contains("a FIFO"), "{}", r.stderr);
+}
+
+#[test]
+fn a_symlinked_entry_is_never_served_nor_copied_into_a_guest_disk() {
+    let cache = Cache::new();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("shadow");
+    std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+    std::fs::create_dir_all(cache.base()).unwrap();
+    let entry = cache.base().join(entry_name("img"));
+    symlink(&secret, &entry).unwrap();
+    let (srv, _) = server("img", 3);
+    let r = run_guarded(cache.fetch(&srv.url).arg("img"), GUARD);
+    r.assert_code(15);
+    let r = run_guarded(
+        cache
+            .create(&srv.url, "vm1", "img")
+            .args(["--backend", "raw"]),
+        GUARD,
+    );
+    r.assert_code(15);
+    assert!(!cache.instances().join("vm1/disk").exists());
+    // Nothing of ours replaced it either.
+    assert!(
+        std::fs::symlink_metadata(&entry)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+#[test]
+fn a_symlinked_lock_file_creates_nothing_elsewhere() {
+    let cache = Cache::new();
+    let outside = tempfile::tempdir().unwrap();
+    let nologin = outside.path().join("nologin");
+    std::fs::create_dir_all(cache.instances().join("locks")).unwrap();
+    let lock = cache
+        .instances()
+        .join("locks")
+        .join(format!("imgcache-{}", entry_name("img")));
+    symlink(&nologin, &lock).unwrap();
+    let (srv, _) = server("img", 4);
+    let r = run_guarded(cache.fetch(&srv.url).arg("img"), GUARD);
+    r.assert_code(15);
+    assert!(!nologin.exists(), "a file was created through the link");
+}
+
+#[test]
+fn fifos_and_links_to_devices_never_hang_list_or_prune() {
+    let cache = Cache::new();
+    let (srv, _) = server("img", 5);
+    run(cache.fetch(&srv.url).arg("img")).assert_code(0);
+    // The record replaced by a FIFO, one instance's usage record a FIFO, another's a link to
+    // /dev/zero.
+    let record = cache.base().join(format!("{}.info", entry_name("img")));
+    std::fs::remove_file(&record).unwrap();
+    mkfifo(&record);
+    for vm in ["vm1", "vm2"] {
+        std::fs::create_dir_all(cache.instances().join(vm)).unwrap();
+    }
+    mkfifo(&cache.instances().join("vm1/imgcache.json"));
+    symlink("/dev/zero", cache.instances().join("vm2/imgcache.json")).unwrap();
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let list = run_guarded(
+        imgcache().args(["list", "--json", "--instances-path", &instances]),
+        GUARD,
+    );
+    list.assert_code(0);
+    let prune = run_guarded(
+        imgcache().args(["prune", "--dry-run", "--instances-path", &instances]),
+        GUARD,
+    );
+    prune.assert_code(0);
+    let r = run_guarded(cache.fetch(&srv.url).arg("img"), GUARD);
+    r.assert_code(0);
+}
+
+#[test]
+fn an_entry_that_no_longer_matches_its_record_is_fetched_again() {
+    let cache = Cache::new();
+    let (srv, data) = server("img", 6);
+    run(cache.fetch(&srv.url).arg("img")).assert_code(0);
+    let entry = cache.base().join(entry_name("img"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&entry)
+        .unwrap();
+    f.set_len(data.len() as u64 / 2).unwrap();
+    drop(f);
+    let r = run(cache.fetch(&srv.url).arg("img"));
+    r.assert_code(0);
+    assert!(r.stderr.contains("fetching it again"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&entry).unwrap(), data);
+    assert_eq!(srv.file_requests().len(), 2);
+    // A raw disk is then made from the whole image, not the truncated one.
+    run(cache
+        .create(&srv.url, "vm1", "img")
+        .args(["--backend", "raw"]))
+    .assert_code(0);
+    assert_eq!(
+        std::fs::read(cache.instances().join("vm1/disk")).unwrap(),
+        data
+    );
+}
+
+#[test]
+fn durations_that_overflow_or_are_zero_are_usage_errors() {
+    let cache = Cache::new();
+    for (flag, value) in [
+        ("--read-timeout", "10000000000000000000"),
+        ("--connect-timeout", "10000000000000000000"),
+        ("--lock-timeout", "10000000000000000000d"),
+        ("--read-timeout", "0"),
+    ] {
+        let r = run(cache.fetch("http://127.0.0.1:9").args([flag, value, "img"]));
+        r.assert_code(2);
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        assert!(r.stderr.contains(flag), "{flag}: {}", r.stderr);
+    }
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let r = run(imgcache().args([
+        "prune",
+        "--instances-path",
+        &instances,
+        "--rbd-timeout",
+        "10000000000000000000",
+    ]));
+    r.assert_code(2);
+}
+
+#[test]
+fn a_redirect_is_not_followed_and_the_token_goes_nowhere_else() {
+    let (elsewhere, _) = server("img", 7);
+    let (srv, _) = server("img", 7);
+    srv.script([Action::Redirect(format!(
+        "{}/v2/images/img/file",
+        elsewhere.url
+    ))]);
+    let cache = Cache::new();
+    let r = run(cache
+        .fetch(&srv.url)
+        .args(["--token", "s3cr3t-token", "--retries", "0", "img"]));
+    r.assert_code(7);
+    assert!(
+        r.stderr.contains("redirects are not followed"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("s3cr3t-token"), "{}", r.stderr);
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
+    assert!(
+        srv.requests()
+            .iter()
+            .all(|s| s.token.as_deref() == Some("s3cr3t-token"))
+    );
+    cache.assert_clean_or_complete(None);
+}
+
+#[test]
+fn a_record_for_another_image_is_refused() {
+    let mut image = Image::raw("img", test_bytes(1 << 20, 8));
+    image.record_id = Some("someone-elses-image".into());
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run(cache.fetch(&srv.url).arg("img"));
+    r.assert_code(6);
+    assert!(r.stderr.contains("someone-elses-image"), "{}", r.stderr);
+    assert!(srv.file_requests().is_empty());
+    cache.assert_clean_or_complete(None);
+}
+
+#[test]
+fn an_image_without_a_size_stops_at_max_image_size() {
+    let data = test_bytes(4 << 20, 9);
+    let mut image = Image::raw("img", data.clone());
+    image.null_size = true;
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run(cache
+        .fetch(&srv.url)
+        .args(["--max-image-size", "1M", "img"]));
+    r.assert_code(6);
+    assert!(r.stderr.contains("--max-image-size"), "{}", r.stderr);
+    cache.assert_clean_or_complete(None);
+    // Under the ceiling, it is fetched and verified by its hash.
+    run(cache.fetch(&srv.url).arg("img")).assert_code(0);
+    assert_eq!(
+        std::fs::read(cache.base().join(entry_name("img"))).unwrap(),
+        data
+    );
+}
+
+#[test]
+fn a_device_as_direct_url_is_never_read_and_the_image_comes_over_http() {
+    let mut image = Image::raw("img", test_bytes(1 << 20, 10));
+    image.direct_url = Some("file:///dev/zero".into());
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run_guarded(
+        cache.fetch(&srv.url).args(["--allow-direct-file", "img"]),
+        GUARD,
+    );
+    // /dev/zero is not a regular file: it is not used; the image comes over HTTP.
+    r.assert_code(0);
+    assert_eq!(srv.file_requests().len(), 1);
+}
+
+#[test]
+fn a_conversion_child_dies_with_a_killed_imgcache() {
+    let work = tempfile::tempdir().unwrap();
+    // A qemu-img whose convert never ends (it becomes `sleep`, keeping the death signal).
+    let wrapper = work.path().join("qemu-img");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nif [ \"$1\" = convert ]; then exec sleep 300; fi\nexec qemu-img \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_, qcow) = make_qcow2(work.path(), "img", &test_bytes(1 << 20, 11));
+    let mut image = Image::raw("img", std::fs::read(&qcow).unwrap());
+    image.disk_format = "qcow2".into();
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let mut child = cache
+        .fetch(&srv.url)
+        .arg("img")
+        .env("IMGCACHE_QEMU_IMG", &wrapper)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let sleeper = loop {
+        if let Some(pid) = descendant_named(child.id(), "sleep") {
+            break pid;
+        }
+        assert!(started.elapsed() < GUARD, "the conversion never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let killed = Instant::now();
+    while Path::new(&format!("/proc/{sleeper}")).exists() && !is_zombie(sleeper) {
+        assert!(
+            killed.elapsed() < GUARD,
+            "the qemu-img child {sleeper} outlived imgcache"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child (or grandchild) of `pid` whose command name is `name`.
+fn descendant_named(pid: u32, name: &str) -> Option<u32> {
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                let comm = std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+                if comm.trim() == name {
+                    return Some(c);
+                }
+                todo.push(c);
+            }
+        }
+    }
+    None
+}
+
+/// Dead but not yet reaped (its parent, init, will reap it).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
