@@ -43,6 +43,9 @@ pub enum Error {
     },
     #[error("cannot reach Glance at {url}: {detail}")]
     Transport { url: String, detail: String },
+    /// Glance was reached and started sending the data, which then failed.
+    #[error("image {id}: the data transfer from Glance failed: {detail}")]
+    Data { id: String, detail: String },
     #[error("Glance sent an image record for {id} that cannot be read: {detail}")]
     BadRecord { id: String, detail: String },
     #[error(
@@ -72,9 +75,10 @@ impl Error {
             Error::NotFound { .. } => Kind::NotFound,
             Error::Auth { .. } => Kind::Auth,
             Error::NoData { .. } => Kind::NotUsable,
-            Error::Status { .. } | Error::Transport { .. } | Error::BadRecord { .. } => {
-                Kind::Unavailable
-            }
+            Error::Status { .. }
+            | Error::Transport { .. }
+            | Error::Data { .. }
+            | Error::BadRecord { .. } => Kind::Unavailable,
             Error::BadUrl { .. } => Kind::Usage,
             Error::WrongRecord { .. } => Kind::Integrity,
             Error::Redirect { .. } => Kind::Unavailable,
@@ -86,7 +90,7 @@ impl Error {
     /// True for failures worth another attempt: transport errors, timeouts, 5xx and 429.
     pub fn retryable(&self) -> bool {
         match self {
-            Error::Transport { .. } => true,
+            Error::Transport { .. } | Error::Data { .. } => true,
             Error::Credentials { kind, .. } => *kind == Kind::Unavailable,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,

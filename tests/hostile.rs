@@ -354,3 +354,91 @@ fn is_zombie(pid: u32) -> bool {
         })
         .unwrap_or(true)
 }
+
+#[test]
+fn create_re_inspects_a_base_with_the_virtual_size_limit_it_was_given() {
+    let work = tempfile::tempdir().unwrap();
+    let qcow = work.path().join("big.qcow2");
+    crate::support::qemu_img(&["create", "-q", "-f", "qcow2", qcow.to_str().unwrap(), "3T"]);
+    let mut image = Image::raw("big", std::fs::read(&qcow).unwrap());
+    image.disk_format = "qcow2".into();
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run(cache.create(&srv.url, "vm1", "big").args([
+        "--no-force-raw",
+        "--max-virtual-size",
+        "4T",
+    ]));
+    r.assert_code(0);
+    // The default limit still refuses it.
+    let r = run(cache.create(&srv.url, "vm2", "big").arg("--no-force-raw"));
+    r.assert_code(5);
+}
+
+#[test]
+fn a_create_that_fails_after_the_root_disk_leaves_nothing_and_names_the_reference() {
+    let mut image = Image::raw("img", test_bytes(1 << 20, 12));
+    image
+        .properties
+        .insert("kernel_id".into(), "no-such-kernel".into());
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run(cache
+        .create(&srv.url, "vm1", "img")
+        .args(["--backend", "raw"]));
+    r.assert_code(3);
+    assert!(
+        r.stderr
+            .contains("the kernel_id of image img is no-such-kernel"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !cache.instances().join("vm1").exists(),
+        "the failed create left its disk"
+    );
+}
+
+#[test]
+fn the_root_base_is_recorded_in_use_before_a_slow_kernel_download() {
+    let mut image = Image::raw("img", test_bytes(1 << 20, 13));
+    // Any id serves the same bytes: the kernel is a second download, which stalls.
+    image.any_id = true;
+    image.properties.insert("kernel_id".into(), "kernel".into());
+    let srv = FaultServer::start(image);
+    srv.script([
+        Action::Normal,
+        Action::StallAfter(0, Duration::from_secs(30)),
+    ]);
+    let cache = Cache::new();
+    let mut child = cache
+        .create(&srv.url, "vm1", "img")
+        .args(["--read-timeout", "5s", "--retries", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let record = cache.instances().join("vm1/imgcache.json");
+    let started = Instant::now();
+    let seen = loop {
+        if let Ok(text) = std::fs::read_to_string(&record)
+            && !text.is_empty()
+        {
+            break text;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "create ended before recording its root base"
+        );
+        assert!(
+            started.elapsed() < GUARD,
+            "no usage record while the kernel downloads"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(seen.contains(&entry_name("img")), "{seen}");
+    // The stalled kernel then fails the create, which removes what it made.
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(7));
+    assert!(!cache.instances().join("vm1").exists());
+}

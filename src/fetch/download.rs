@@ -120,7 +120,7 @@ impl Download<'_> {
                 ));
                 if *pos > 0 {
                     self.rep.info(&format!(
-                        "image {id}: the server ignored the range request; starting over"
+                        "image {id}: the server did not resume at byte {pos} (it ignored the range, sent another one, or refused it); starting over"
                     ));
                     truncate(file, self.part)?;
                     hasher.send(ToHasher::Reset)?;
@@ -146,8 +146,8 @@ impl Download<'_> {
             Ok(n) => *pos += n,
             Err(PumpError::Read(e, n)) => {
                 *pos += n;
-                return Ok(Some(glance::Error::Transport {
-                    url: format!("image {id} data"),
+                return Ok(Some(glance::Error::Data {
+                    id: id.to_owned(),
                     detail: format!("connection lost after {pos} bytes: {e}"),
                 }));
             }
@@ -166,8 +166,8 @@ impl Download<'_> {
         }
         Ok(match self.image.size {
             Some(s) if *pos > s => return Err(self.too_long(s)),
-            Some(s) if *pos < s => Some(glance::Error::Transport {
-                url: format!("image {id} data"),
+            Some(s) if *pos < s => Some(glance::Error::Data {
+                id: id.to_owned(),
                 detail: format!("body ended early at {pos} of {s} bytes"),
             }),
             _ => None,

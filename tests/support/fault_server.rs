@@ -61,6 +61,8 @@ pub struct Image {
     pub null_size: bool,
     /// Send this id in the record instead of the image's.
     pub record_id: Option<String>,
+    /// Extra record fields (kernel_id, ...).
+    pub properties: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Image {
@@ -78,6 +80,7 @@ impl Image {
             direct_url: None,
             null_size: false,
             record_id: None,
+            properties: serde_json::Map::new(),
         }
     }
 }
@@ -315,7 +318,7 @@ fn record_json(image: &Image) -> String {
         Some((a, v)) => (serde_json::json!(a), serde_json::json!(v)),
         None => (serde_json::Value::Null, serde_json::Value::Null),
     };
-    serde_json::json!({
+    let mut record = serde_json::json!({
         "id": image.record_id.as_ref().unwrap_or(&image.id),
         "name": "fault-image",
         "status": image.status,
@@ -328,6 +331,9 @@ fn record_json(image: &Image) -> String {
         "os_hash_value": value,
         "visibility": "public",
         "direct_url": image.direct_url,
-    })
-    .to_string()
+    });
+    if let Some(obj) = record.as_object_mut() {
+        obj.extend(image.properties.clone());
+    }
+    record.to_string()
 }

@@ -117,7 +117,7 @@ impl Job<'_> {
     /// file: it must still be what the record says (a raw base that now parses as qcow2 is
     /// refused).
     fn overlay(&self, base: &Base, tmp: &mut TempFile, size: u64) -> Result<()> {
-        let found = inspect::inspect_path(&base.path)?;
+        let found = inspect::inspect_path_with(&base.path, &self.req.opts.limits)?;
         if found.format.qemu_name() != base.format {
             return Err(Error::BaseChanged {
                 path: base.path.clone(),
@@ -224,7 +224,7 @@ impl Job<'_> {
             Some("is not a regular file".to_owned())
         } else {
             match backend {
-                Backend::Raw => differs_raw(target, meta.len(), size)?,
+                Backend::Raw => differs_raw(target, meta.len(), size, &self.req.opts.limits)?,
                 Backend::Qcow2 | Backend::Rbd => differs_qcow2(target, base, size),
             }
         };
@@ -241,8 +241,13 @@ impl Job<'_> {
 }
 
 /// How an existing raw disk differs from a `size`-byte raw disk, if it does.
-fn differs_raw(target: &Path, len: u64, size: u64) -> Result<Option<String>> {
-    let detected = inspect::inspect_path(target)?;
+fn differs_raw(
+    target: &Path,
+    len: u64,
+    size: u64,
+    limits: &inspect::Limits,
+) -> Result<Option<String>> {
+    let detected = inspect::inspect_path_with(target, limits)?;
     Ok(if detected.format != Format::Raw {
         Some(format!("is {}, not raw", detected.format.name()))
     } else if len != size {

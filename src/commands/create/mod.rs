@@ -11,12 +11,13 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::Outcome;
 use crate::cache;
 use crate::fetch;
+use crate::fsutil;
 use crate::glance;
 use crate::instance::{self, DiskRecord, Instance};
 use crate::openstack;
@@ -24,7 +25,7 @@ use crate::progress::{self, Render, Reporter};
 use crate::templates;
 use crate::units;
 pub use job::{Backend, Error, Request};
-use job::{Base, Job, Made, check_size};
+use job::{Base, Job, Made, Status, check_size};
 
 /// Runs the command.
 pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
@@ -42,13 +43,11 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         inst: &inst,
         rep,
     };
-    let result = job.build();
-    if result.is_err() && created_dir {
-        // Everything this run made is gone already (temp files clean themselves up); remove
-        // the directory only if it is empty, so nothing of anyone else's is touched.
-        inst.remove_if_empty();
+    let mut disks = Vec::new();
+    if let Err(e) = job.build(&mut disks) {
+        job.undo(&disks, created_dir);
+        return Err(e);
     }
-    let disks = result?;
     let report = Report {
         instance: &inst.name,
         dir: &inst.dir,
@@ -75,14 +74,15 @@ impl Render for Report<'_> {
 }
 
 impl Job<'_> {
-    /// Makes every disk, then `disk.info` and the usage record.
-    fn build(&self) -> Result<Vec<Made>> {
+    /// Makes every disk into `made`, then `disk.info` and the usage record. The usage record is
+    /// written as soon as the root disk exists too, so a prune while a kernel or template is
+    /// still being fetched sees the root's base in use.
+    fn build(&self, made: &mut Vec<Made>) -> Result<()> {
         // Ephemeral and swap disks stay local files with the rbd backend (qcow2 overlays).
         let backend = match self.req.backend {
             Backend::Rbd => Backend::Qcow2,
             other => other,
         };
-        let mut made = Vec::new();
         let mut records = BTreeMap::new();
         let root = if self.req.backend == Backend::Rbd {
             let (root, disk) = rbd::root_disk(self, &mut records)?;
@@ -94,19 +94,51 @@ impl Job<'_> {
             made.push(self.disk(("root", "disk"), &root, backend, size, &mut records)?);
             root
         };
-        made.extend(self.kernel_and_ramdisk(&root, &mut records)?);
-        made.extend(self.ephemeral_and_swap(backend, &mut records)?);
+        self.record_usage(records.clone(), true)?;
+        self.kernel_and_ramdisk(&root, &mut records, made)?;
+        self.ephemeral_and_swap(backend, &mut records, made)?;
         self.inst.write_disk_info(&records)?;
-        let mut bases: Vec<String> = records.values().map(|d| d.base.clone()).collect();
+        self.record_usage(records, false)
+    }
+
+    /// Writes `imgcache.json` for these disks; `merge` keeps what the record already lists (an
+    /// early write must not drop bases of disks an earlier run made).
+    fn record_usage(&self, mut disks: BTreeMap<String, DiskRecord>, merge: bool) -> Result<()> {
+        if merge && let Some(old) = self.inst.read_record() {
+            for (file, d) in old.disks {
+                disks.entry(file).or_insert(d);
+            }
+        }
+        let mut bases: Vec<String> = disks.values().map(|d| d.base.clone()).collect();
         bases.sort();
         bases.dedup();
         self.inst.write_record(&instance::Record {
             instance: self.inst.name.clone(),
             bases,
-            disks: records,
+            disks,
             updated_at: units::now_stamp().1,
-        })?;
-        Ok(made)
+        })
+    }
+
+    /// After a failure: removes the disks this run created (never one it found or replaced),
+    /// and the directory with its records if this run created it.
+    fn undo(&self, made: &[Made], created_dir: bool) {
+        for m in made.iter().filter(|m| m.status == Status::Created) {
+            if m.format == "rbd" {
+                let disk = m.path.to_string_lossy();
+                let disk = disk.trim_start_matches("rbd:");
+                let _ = self.req.cluster.rbd.rbd(&["rm", "--no-progress", disk]);
+            } else {
+                let _ = fsutil::remove_own(&m.path);
+            }
+        }
+        if created_dir {
+            for file in [instance::RECORD_FILE, instance::DISK_INFO_FILE] {
+                let _ = fsutil::remove_own(&self.inst.file(file));
+            }
+            // Only if empty: nothing of anyone else's is touched.
+            self.inst.remove_if_empty();
+        }
     }
 
     /// The root image's `kernel_id` / `ramdisk_id` images, used as they are (never converted).
@@ -114,20 +146,22 @@ impl Job<'_> {
         &self,
         root: &Base,
         records: &mut BTreeMap<String, DiskRecord>,
-    ) -> Result<Vec<Made>> {
+        made: &mut Vec<Made>,
+    ) -> Result<()> {
         let raw_as_is = fetch::Options {
             force_raw: false,
             ..self.req.opts.clone()
         };
-        let mut made = Vec::new();
         for (prop, file) in [("kernel_id", "kernel"), ("ramdisk_id", "ramdisk")] {
             let Some(id) = root.properties.get(prop).and_then(|v| v.as_str()) else {
                 continue;
             };
-            let base = self.image_base(id, &raw_as_is)?;
+            let base = self
+                .image_base(id, &raw_as_is)
+                .with_context(|| format!("the {prop} of image {} is {id}", self.req.image))?;
             made.push(self.plain_copy((file, file), &base, records)?);
         }
-        Ok(made)
+        Ok(())
     }
 
     /// `disk.local` and `disk.swap` from their templates.
@@ -135,9 +169,9 @@ impl Job<'_> {
         &self,
         backend: Backend,
         records: &mut BTreeMap<String, DiskRecord>,
-    ) -> Result<Vec<Made>> {
+        made: &mut Vec<Made>,
+    ) -> Result<()> {
         let (cache, timeout) = (self.cache(), self.req.opts.lock_timeout);
-        let mut made = Vec::new();
         if let Some(gib) = self.req.ephemeral_gib {
             let fs = self.req.ephemeral_fs;
             let path = templates::ephemeral(cache, gib, fs, timeout, self.rep)?;
@@ -150,6 +184,6 @@ impl Job<'_> {
             let base = Base::template(path, mib << 20)?;
             made.push(self.disk(("swap", "disk.swap"), &base, backend, mib << 20, records)?);
         }
-        Ok(made)
+        Ok(())
     }
 }
