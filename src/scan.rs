@@ -223,25 +223,45 @@ pub fn scan_usage(cache: &Cache, keep_ids: &[String]) -> Result<Usage> {
             continue;
         }
         usage.instances += 1;
-        if let Some(record) = instance::read_record(&path) {
+        let record = instance::read_record(&path);
+        let mut raw = declared_raw(&path);
+        if let Some(record) = record {
+            raw.extend(
+                record
+                    .disks
+                    .iter()
+                    .filter(|(_, d)| d.format == "raw" || d.format == "file")
+                    .map(|(file, _)| file.clone()),
+            );
             for b in record.bases {
                 usage.add(b, &name);
             }
         }
-        scan_instance_disks(&path, &name, base_dir, &mut usage);
+        scan_instance_disks(&path, &name, base_dir, &raw, &mut usage);
     }
     Ok(usage)
 }
 
 /// Reads the backing file of every qcow2 in an instance directory.
-fn scan_instance_disks(dir: &Path, instance: &str, base_dir: &Path, usage: &mut Usage) {
+fn scan_instance_disks(
+    dir: &Path,
+    instance: &str,
+    base_dir: &Path,
+    raw: &BTreeSet<String>,
+    usage: &mut Usage,
+) {
     let Ok(items) = fsutil::list(dir) else {
         usage
             .warnings
             .push(format!("cannot read {}", dir.display()));
         return;
     };
-    for (_, path, _) in items {
+    for (name, path, _) in items {
+        // A raw disk's first bytes are the guest's: a qcow2 header a guest wrote there names no
+        // backing file of ours.
+        if raw.contains(&name) {
+            continue;
+        }
         let mut disk = path;
         for _ in 0..MAX_CHAIN {
             let Some(backing) = backing_of(&disk, usage) else {
@@ -267,6 +287,21 @@ fn scan_instance_disks(dir: &Path, instance: &str, base_dir: &Path, usage: &mut 
             disk = resolved;
         }
     }
+}
+
+/// Files Nova's `disk.info` (`{"<path>": "raw"|"qcow2"|...}`) says are not qcow2, by name.
+fn declared_raw(dir: &Path) -> BTreeSet<String> {
+    let info: Option<BTreeMap<String, String>> =
+        fsutil::read_json(&dir.join(instance::DISK_INFO_FILE));
+    info.into_iter()
+        .flatten()
+        .filter(|(_, format)| format != "qcow2")
+        .filter_map(|(path, _)| {
+            Path::new(&path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .collect()
 }
 
 /// The backing file named in a regular file's qcow2 header.

@@ -442,3 +442,41 @@ fn the_root_base_is_recorded_in_use_before_a_slow_kernel_download() {
     assert_eq!(status.code(), Some(7));
     assert!(!cache.instances().join("vm1").exists());
 }
+
+#[test]
+fn a_qcow2_header_a_guest_wrote_into_its_raw_disk_pins_no_base() {
+    let cache = Cache::new();
+    let (srv, _) = server("img", 14);
+    run(cache.fetch(&srv.url).arg("img")).assert_code(0);
+    let base = cache.base().join(entry_name("img"));
+    // The guest of a raw instance writes a qcow2 header naming our base at offset 0 of its disk.
+    let vm = cache.instances().join("vm1");
+    std::fs::create_dir_all(&vm).unwrap();
+    let disk = vm.join("disk");
+    crate::support::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        disk.to_str().unwrap(),
+        "1G",
+    ]);
+    let info = serde_json::json!({ disk.to_str().unwrap(): "raw" });
+    std::fs::write(vm.join("disk.info"), info.to_string()).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    std::fs::File::open(&base)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let r = run(imgcache().args(["prune", "--json", "--instances-path", &instances]));
+    r.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let entry = &report["entries"][0];
+    assert_eq!(entry["action"], "removed", "{entry}");
+    assert!(!base.exists());
+}
