@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "insecure",
     "connect_timeout",
     "read_timeout",
+    "min_rate",
     "retries",
     "retry_backoff",
     "lock_timeout",

@@ -46,6 +46,9 @@ pub enum Error {
     /// Glance was reached and started sending the data, which then failed.
     #[error("image {id}: the data transfer from Glance failed: {detail}")]
     Data { id: String, detail: String },
+    /// The data arrives, but slower than `--min-rate`.
+    #[error("image {id}: the data arrives too slowly: {detail}")]
+    TooSlow { id: String, detail: String },
     #[error("Glance sent an image record for {id} that cannot be read: {detail}")]
     BadRecord { id: String, detail: String },
     #[error(
@@ -78,6 +81,7 @@ impl Error {
             Error::Status { .. }
             | Error::Transport { .. }
             | Error::Data { .. }
+            | Error::TooSlow { .. }
             | Error::BadRecord { .. } => Kind::Unavailable,
             Error::BadUrl { .. } => Kind::Usage,
             Error::WrongRecord { .. } => Kind::Integrity,
@@ -90,7 +94,7 @@ impl Error {
     /// True for failures worth another attempt: transport errors, timeouts, 5xx and 429.
     pub fn retryable(&self) -> bool {
         match self {
-            Error::Transport { .. } | Error::Data { .. } => true,
+            Error::Transport { .. } | Error::Data { .. } | Error::TooSlow { .. } => true,
             Error::Credentials { kind, .. } => *kind == Kind::Unavailable,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,

@@ -480,3 +480,28 @@ fn a_qcow2_header_a_guest_wrote_into_its_raw_disk_pins_no_base() {
     assert_eq!(entry["action"], "removed", "{entry}");
     assert!(!base.exists());
 }
+
+#[test]
+fn a_server_that_drips_its_data_is_given_up_on() {
+    // 64 KiB every 300 ms never leaves a silence for --read-timeout, but is far below --min-rate.
+    let srv = FaultServer::start(Image::raw("img", test_bytes(4 << 20, 15)));
+    srv.pace(Some(Duration::from_millis(300)));
+    let cache = Cache::new();
+    let r = run_guarded(
+        cache.fetch(&srv.url).args([
+            "--read-timeout",
+            "1s",
+            "--min-rate",
+            "1M",
+            "--retries",
+            "1",
+            "img",
+        ]),
+        GUARD,
+    );
+    r.assert_code(7);
+    assert!(r.stderr.contains("too slowly"), "{}", r.stderr);
+    // Progress made while dripping does not buy more attempts: the first and one retry.
+    assert_eq!(srv.file_requests().len(), 2, "{:?}", srv.file_requests());
+    cache.assert_clean_or_complete(None);
+}

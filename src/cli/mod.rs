@@ -258,6 +258,11 @@ pub struct GlanceArgs {
     #[arg(long, default_value = "60s", value_parser = parse_timeout, value_name = "DURATION")]
     pub read_timeout: Duration,
 
+    /// Slowest image transfer accepted, in bytes per second, averaged over each
+    /// --read-timeout: a server that drips bytes is treated as stalled (and retried).
+    #[arg(long, default_value = "1K", value_name = "SIZE")]
+    pub min_rate: String,
+
     /// Retries after connection errors, timeouts, 5xx and 429 (attempts that made progress
     /// are not counted).
     #[arg(long, default_value_t = 3, value_name = "N")]

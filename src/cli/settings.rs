@@ -14,6 +14,7 @@ use crate::cache::Cache;
 use crate::commands::{create, delete, fetch, inspect, list, prune, verify};
 use crate::error::UsageError;
 use crate::fetch::Options;
+use crate::fetch::download::MinRate;
 use crate::http::HttpSettings;
 use crate::inspect::{Format, Limits};
 use crate::openstack;
@@ -168,6 +169,11 @@ fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageErr
             allow_luks: false,
         },
         max_image_size: parse_size("--max-image-size", &f.max_image_size)?,
+        min_rate: MinRate {
+            bytes: parse_size("--min-rate", &glance.min_rate)?
+                .saturating_mul(glance.read_timeout.as_secs().max(1)),
+            window: glance.read_timeout,
+        },
     })
 }
 

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -43,9 +44,10 @@ impl Download<'_> {
             let Some(failure) = self.attempt(&mut file, &hasher, &mut pos)? else {
                 break;
             };
-            if pos > furthest {
-                furthest = pos;
-            } else {
+            // A drip-feeding server makes progress every time: being too slow always counts.
+            let progressed = pos > furthest;
+            furthest = furthest.max(pos);
+            if !progressed || matches!(failure, glance::Error::TooSlow { .. }) {
                 failures += 1;
             }
             if !failure.retryable() || failures > self.opts.retries {
@@ -141,11 +143,18 @@ impl Download<'_> {
         // --max-image-size when it promises nothing: an endless body must not fill the disk.
         let limit = self.image.size.unwrap_or(self.opts.max_image_size);
         let cap = limit.saturating_sub(*pos) + 1;
-        let pumped = pump(&mut (&mut body).take(cap), file, hasher, *pos, self.bar);
+        let mut guarded = RateGuard::new((&mut body).take(cap), self.opts.min_rate);
+        let pumped = pump(&mut guarded, file, hasher, *pos, self.bar);
         match pumped {
             Ok(n) => *pos += n,
             Err(PumpError::Read(e, n)) => {
                 *pos += n;
+                if e.get_ref().is_some_and(|inner| inner.is::<TooSlow>()) {
+                    return Ok(Some(glance::Error::TooSlow {
+                        id: id.to_owned(),
+                        detail: e.to_string(),
+                    }));
+                }
                 return Ok(Some(glance::Error::Data {
                     id: id.to_owned(),
                     detail: format!("connection lost after {pos} bytes: {e}"),
@@ -182,6 +191,70 @@ impl Download<'_> {
             expected,
         }
         .into()
+    }
+}
+
+/// The slowest transfer accepted: at least `bytes` in every `window`.
+#[derive(Debug, Clone, Copy)]
+pub struct MinRate {
+    pub bytes: u64,
+    pub window: Duration,
+}
+
+/// A body that arrives slower than its [`MinRate`]: the read fails with it inside.
+#[derive(Debug)]
+struct TooSlow(String);
+
+impl std::fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TooSlow {}
+
+/// Fails a read when less than the minimum arrived over the last window, so a server that
+/// sends one byte now and then (never silent long enough for `--read-timeout`) cannot hold
+/// the entry's lock forever.
+struct RateGuard<R> {
+    inner: R,
+    min: MinRate,
+    since: Instant,
+    got: u64,
+}
+
+impl<R: Read> RateGuard<R> {
+    fn new(inner: R, min: MinRate) -> RateGuard<R> {
+        RateGuard {
+            inner,
+            min,
+            since: Instant::now(),
+            got: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for RateGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.got += n as u64;
+        let elapsed = self.since.elapsed();
+        if elapsed >= self.min.window {
+            if self.got < self.min.bytes {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    TooSlow(format!(
+                        "{} bytes in {:.0}s, slower than --min-rate {} bytes/s",
+                        self.got,
+                        elapsed.as_secs_f64(),
+                        self.min.bytes / self.min.window.as_secs().max(1)
+                    )),
+                ));
+            }
+            self.since = Instant::now();
+            self.got = 0;
+        }
+        Ok(n)
     }
 }
 

@@ -4,7 +4,7 @@
 //! This file holds the protocol around them: lock, re-check, ask Glance, build, clean up. Used
 //! by `imgcache fetch` and by every command that needs a base.
 
-mod download;
+pub mod download;
 mod hash;
 mod persist;
 mod retry;
@@ -108,6 +108,8 @@ pub struct Options {
     pub limits: inspect::Limits,
     /// Most bytes read for an image whose record has no `size` (and from a `file://` location).
     pub max_image_size: u64,
+    /// The slowest data transfer accepted before the attempt is given up.
+    pub min_rate: download::MinRate,
 }
 
 /// A cache entry ready to use.
