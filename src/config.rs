@@ -232,8 +232,19 @@ pub fn effective(matches: &ArgMatches, file: Option<&File>) -> Report {
     }
 }
 
-/// Flag > environment > file > default, as clap and [`inject`] apply them.
+/// [`raw_value_and_source`], with a password in a URL setting redacted.
 fn value_and_source(
+    key: &str,
+    arg: &clap::Arg,
+    matches: &ArgMatches,
+    file: Option<&File>,
+) -> (Option<String>, String) {
+    let (value, source) = raw_value_and_source(key, arg, matches, file);
+    (value.map(|v| crate::http::redact_url(&v)), source)
+}
+
+/// Flag > environment > file > default, as clap and [`inject`] apply them.
+fn raw_value_and_source(
     key: &str,
     arg: &clap::Arg,
     matches: &ArgMatches,

@@ -190,6 +190,8 @@ pub struct Client {
     settings: HttpSettings,
     http: std::sync::OnceLock<Http>,
     base: String,
+    /// `base` as messages show it (a password in it redacted).
+    shown_base: String,
     auth: Option<Arc<dyn TokenSource>>,
 }
 
@@ -198,12 +200,12 @@ impl Client {
     pub fn new(settings: &Settings) -> Result<Client, Error> {
         let base = settings.url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base).map_err(|e| Error::BadUrl {
-            url: settings.url.clone(),
+            url: http::redact_url(&settings.url),
             detail: e.to_string(),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(Error::BadUrl {
-                url: settings.url.clone(),
+                url: http::redact_url(&settings.url),
                 detail: "the scheme must be http or https".into(),
             });
         }
@@ -212,6 +214,7 @@ impl Client {
         Ok(Client {
             settings: settings.http.clone(),
             http: std::sync::OnceLock::new(),
+            shown_base: http::redact_url(&base),
             base,
             auth: settings.auth.clone(),
         })
@@ -223,6 +226,11 @@ impl Client {
         }
         let built = self.settings.client()?;
         Ok(self.http.get_or_init(|| built))
+    }
+
+    /// A URL of ours as messages show it.
+    fn shown(&self, url: &str) -> String {
+        url.replacen(&self.base, &self.shown_base, 1)
     }
 
     fn image_url(&self, id: &str) -> String {
@@ -245,7 +253,7 @@ impl Client {
             if let Some(offset) = range {
                 req = req.header(header::RANGE, format!("bytes={offset}-"));
             }
-            req.send().map_err(|e| transport(url, &e))
+            req.send().map_err(|e| transport(&self.shown(url), &e))
         };
         let Some(auth) = &self.auth else {
             return send(None);
@@ -269,11 +277,11 @@ impl Client {
         if status == StatusCode::NOT_FOUND {
             return Err(Error::NotFound {
                 id: id.to_owned(),
-                url: self.base.clone(),
+                url: self.shown_base.clone(),
             });
         }
         if !status.is_success() {
-            return Err(status_error(&url, resp));
+            return Err(status_error(&self.shown(&url), resp));
         }
         let bytes = http::read_capped(resp, http::MAX_DOCUMENT).map_err(|e| Error::BadRecord {
             id: id.to_owned(),
@@ -321,9 +329,9 @@ impl Client {
             StatusCode::NO_CONTENT => Err(Error::NoData { id: id.to_owned() }),
             StatusCode::NOT_FOUND => Err(Error::NotFound {
                 id: id.to_owned(),
-                url: self.base.clone(),
+                url: self.shown_base.clone(),
             }),
-            _ => Err(status_error(&url, resp)),
+            _ => Err(status_error(&self.shown(&url), resp)),
         }
     }
 }

@@ -151,3 +151,43 @@ pub fn error_text(resp: Response, limit: u64) -> String {
     let _ = resp.take(limit).read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// `url` with the password of its userinfo (if any) replaced by `***`, for messages: a password
+/// in `--glance-url` is sent, never printed.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            let shown = u.to_string();
+            // Url adds a trailing slash to a bare host; keep the caller's spelling otherwise.
+            if !url.ends_with('/') {
+                shown.trim_end_matches('/').to_owned()
+            } else {
+                shown
+            }
+        }
+        Ok(_) => url.to_owned(),
+        // Unparsable: show only what precedes a userinfo `@`.
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("http://user:hunter2@glance:9292"),
+            "http://user:***@glance:9292"
+        );
+        assert_eq!(redact_url("http://glance:9292/v2"), "http://glance:9292/v2");
+        assert!(!redact_url("h t t p://u:hunter2@x").contains("hunter2"));
+    }
+}

@@ -189,3 +189,19 @@ pub fn print_bytes(bytes: &[u8]) -> io::Result<()> {
     out.write_all(bytes)?;
     out.flush()
 }
+
+/// A string someone else chose (an image name, a property) as it may be shown on a terminal:
+/// control characters escaped (`\u{1b}`), so a name cannot move the cursor, clear the screen or
+/// forge a line.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let shown: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect()
+}

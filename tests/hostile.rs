@@ -505,3 +505,52 @@ fn a_server_that_drips_its_data_is_given_up_on() {
     assert_eq!(srv.file_requests().len(), 2, "{:?}", srv.file_requests());
     cache.assert_clean_or_complete(None);
 }
+
+#[test]
+fn a_password_in_the_glance_url_is_never_printed() {
+    let (srv, _) = server("img", 16);
+    let with_password = srv.url.replacen("http://", "http://user:hunter2@", 1);
+    let cache = Cache::new();
+    let r = run(cache
+        .fetch(&with_password)
+        .args(["-vv", "--retries", "0", "no-such-image"]));
+    r.assert_code(3);
+    assert!(r.stderr.contains("user:***@"), "{}", r.stderr);
+    assert!(!r.stderr.contains("hunter2"), "{}", r.stderr);
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let shown = run(imgcache()
+        .args(["config", "show", "--instances-path", &instances])
+        .env("OS_IMAGE_URL", &with_password));
+    shown.assert_code(0);
+    assert!(!shown.stdout.contains("hunter2"), "{}", shown.stdout);
+}
+
+#[test]
+fn tenant_chosen_names_cannot_drive_the_terminal() {
+    let mut image = Image::raw("img", test_bytes(1 << 20, 17));
+    image
+        .properties
+        .insert("name".into(), "evil\u{1b}[2J\nforged line".into());
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    run(cache.fetch(&srv.url).args(["-v", "img"])).assert_code(0);
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let list = run(imgcache().args(["list", "--instances-path", &instances]));
+    list.assert_code(0);
+    assert!(!list.stdout.contains('\u{1b}'), "{:?}", list.stdout);
+    assert!(list.stdout.contains("evil\\u{1b}"), "{}", list.stdout);
+    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    std::fs::File::open(cache.base().join(entry_name("img")))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let prune = run(imgcache().args(["prune", "--dry-run", "--instances-path", &instances]));
+    prune.assert_code(0);
+    assert!(prune.stdout.contains("would remove"), "{}", prune.stdout);
+    assert!(!prune.stdout.contains('\u{1b}'), "{:?}", prune.stdout);
+    assert!(
+        !prune.stdout.contains("\nforged line"),
+        "{:?}",
+        prune.stdout
+    );
+}

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::Outcome;
 use crate::cache::{Cache, Record};
-use crate::progress::{self, Render};
+use crate::progress::{self, Render, printable};
 use crate::scan::{self, Usage};
 use crate::units::{ago, human, idle, rfc3339, unix_secs};
 
@@ -143,7 +143,7 @@ impl Render for Listing {
                 r.image_id.as_deref().unwrap_or("-"),
                 r.image_name
                     .as_deref()
-                    .map(|n| n.chars().take(20).collect::<String>())
+                    .map(|n| printable(n).chars().take(20).collect::<String>())
                     .unwrap_or_else(|| "-".into()),
                 r.source_format.as_deref().unwrap_or("-"),
                 human(r.size),

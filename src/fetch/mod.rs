@@ -23,7 +23,7 @@ use crate::error::Kind;
 use crate::fsutil;
 use crate::glance::{Client, Image};
 use crate::inspect;
-use crate::progress::{Reporter, Transfer};
+use crate::progress::{Reporter, Transfer, printable};
 
 /// Fetch failures that are not Glance's, qemu-img's or the inspector's.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +166,7 @@ pub fn ensure(
     let image = retry::with_retries(opts, rep, &format!("image {id}"), || glance.show(id))?;
     rep.debug(&format!(
         "image {id}: {} {} bytes, disk_format {}, status {}",
-        image.name.as_deref().unwrap_or("(no name)"),
+        image.name.as_deref().map_or("(no name)".into(), printable),
         image.size.map_or("?".into(), |s| s.to_string()),
         image.disk_format.as_deref().unwrap_or("?"),
         image.status

@@ -5,6 +5,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
+use crate::progress::printable;
 use crate::units::human;
 
 /// What prune did with one item.
@@ -76,7 +77,7 @@ impl crate::progress::Render for Report {
             .collect();
         for i in &removed {
             let what = match (&i.image_id, &i.image_name) {
-                (Some(id), Some(n)) => format!("{}, image {id} \"{n}\"", i.kind),
+                (Some(id), Some(n)) => format!("{}, image {id} \"{}\"", i.kind, printable(n)),
                 (Some(id), None) => format!("{}, image {id}", i.kind),
                 _ => i.kind.to_owned(),
             };
