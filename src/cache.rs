@@ -309,11 +309,16 @@ pub fn content_hex(h: &xxhash_rust::xxh3::Xxh3) -> String {
 /// XXH3-128 of a file's content, reading only its data extents: holes (SEEK_HOLE) are fed as
 /// zeros from memory, so a sparse 2 GiB entry with 100 MiB of data reads 100 MiB.
 pub fn content_digest(path: &Path) -> std::io::Result<String> {
+    content_digest_of(&fsutil::open_regular(path)?)
+}
+
+/// [`content_digest`] of a file we hold open (read through its own offsets, from the start).
+pub fn content_digest_of(file: &std::fs::File) -> std::io::Result<String> {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::fd::AsRawFd;
 
     static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    let mut file = fsutil::open_regular(path)?;
+    let mut file = file;
     let len = file.metadata()?.len();
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];

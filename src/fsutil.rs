@@ -154,11 +154,14 @@ pub fn remove_file(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Removes a file of ours: a regular file at `path`, never a symlink, FIFO or anything else
-/// someone put there. `Ok(false)` if no regular file was there.
+/// Removes a file of ours: a regular file at `path` that this user owns, never a symlink, a
+/// FIFO or another account's file. `Ok(false)` if no such file was there.
 pub fn remove_own(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     match stat(path)? {
-        Some(m) if m.is_file() => remove_file(path),
+        Some(m) if m.is_file() && m.uid() == euid => remove_file(path),
         _ => Ok(false),
     }
 }
@@ -215,11 +218,25 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
         .sync_all()
 }
 
-/// Makes the file at `tmp` durable and atomically visible as `dest`: fsync the file, rename it,
-/// fsync the directory. A crash at any point leaves either no `dest` or a complete one.
-pub fn persist(tmp: &Path, dest: &Path) -> io::Result<()> {
-    open_regular(tmp)?.sync_all()?;
+/// Makes `file` (open, ours, at `tmp`) durable and atomically visible as `dest`: fsync it,
+/// rename `tmp`, fsync the directory. A crash at any point leaves either no `dest` or a
+/// complete one. The rename goes by name, so it is checked afterwards: if what now sits at
+/// `dest` is not our inode (someone swapped `tmp` meanwhile), it is removed again and the
+/// persist fails as untrusted.
+pub fn persist(file: &File, tmp: &Path, dest: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    file.sync_all()?;
     fs::rename(tmp, dest)?;
+    let ours = file.metadata()?;
+    let placed = stat(dest)?;
+    if !placed.is_some_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino()) {
+        let _ = fs::remove_file(dest);
+        return Err(Untrusted::io(format!(
+            "{} was replaced by another file while it was being built; nothing was kept — check who else writes to {}",
+            tmp.display(),
+            dest.parent().unwrap_or(Path::new(".")).display()
+        )));
+    }
     sync_dir(dest.parent().unwrap_or(Path::new(".")))
 }
 
@@ -266,7 +283,7 @@ pub fn temp_prefix(name: &str) -> String {
 #[derive(Debug)]
 pub struct TempFile {
     path: PathBuf,
-    file: Option<File>,
+    file: File,
 }
 
 impl TempFile {
@@ -275,12 +292,7 @@ impl TempFile {
         loop {
             let path = dir.join(format!("{}{}", temp_prefix(name), random_hex()));
             match create_new(&path) {
-                Ok(file) => {
-                    return Ok(TempFile {
-                        path,
-                        file: Some(file),
-                    });
-                }
+                Ok(file) => return Ok(TempFile { path, file }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
@@ -291,22 +303,16 @@ impl TempFile {
         &self.path
     }
 
-    /// The open file (for writers that want the descriptor, not the path).
-    pub fn file(&self) -> io::Result<&File> {
-        self.file
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the temp file was closed"))
+    /// The open file: writers and children (through [`crate::process::fd_path`]) use it, not
+    /// the path.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
-    /// Closes our descriptor (before a child process rewrites the file by its path).
-    pub fn close(&mut self) {
-        self.file = None;
-    }
-
-    /// fsyncs, renames into `dest`, fsyncs the directory; the file is no longer ours to remove.
+    /// fsyncs, renames into `dest` (checked to be our inode), fsyncs the directory; the file is
+    /// no longer ours to remove.
     pub fn persist(mut self, dest: &Path) -> io::Result<()> {
-        self.file = None;
-        persist(&self.path, dest)?;
+        persist(&self.file, &self.path, dest)?;
         self.path = PathBuf::new();
         Ok(())
     }
@@ -328,7 +334,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = TempFile::new(dir, &name)?;
-    let mut f = tmp.file()?;
+    let mut f = tmp.file();
     f.write_all(bytes)?;
     tmp.persist(path)
 }
@@ -370,16 +376,31 @@ mod tests {
         let tmp = dir.path().join("x.part");
         let dest = dir.path().join("x");
         fs::write(&tmp, b"data").unwrap();
-        persist(&tmp, &dest).unwrap();
+        let f = File::open(&tmp).unwrap();
+        persist(&f, &tmp, &dest).unwrap();
         assert!(!tmp.exists());
         assert_eq!(fs::read(&dest).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_file_swapped_in_before_the_rename_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("x.part");
+        let dest = dir.path().join("x");
+        let ours = create_new(&tmp).unwrap();
+        // Someone replaces our temp file by name before we rename it.
+        fs::remove_file(&tmp).unwrap();
+        fs::write(&tmp, b"theirs").unwrap();
+        let e = persist(&ours, &tmp, &dest).unwrap_err();
+        assert!(e.to_string().contains("was replaced"), "{e}");
+        assert!(!dest.exists());
     }
 
     #[test]
     fn temp_file_is_removed_unless_persisted() {
         let dir = tempfile::tempdir().unwrap();
         let t = TempFile::new(dir.path(), "disk").unwrap();
-        t.file().unwrap().write_all(b"x").unwrap();
+        t.file().write_all(b"x").unwrap();
         let p = t.path().to_owned();
         assert!(
             p.file_name()
@@ -390,7 +411,7 @@ mod tests {
         drop(t);
         assert!(!p.exists());
         let t = TempFile::new(dir.path(), "disk").unwrap();
-        t.file().unwrap().write_all(b"y").unwrap();
+        t.file().write_all(b"y").unwrap();
         t.persist(&dir.path().join("disk")).unwrap();
         assert_eq!(fs::read(dir.path().join("disk")).unwrap(), b"y");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);

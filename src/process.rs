@@ -3,7 +3,9 @@
 //! killed, optional rlimits, and `PR_SET_PDEATHSIG` so a child never outlives us.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +38,14 @@ pub struct Limits {
     pub address_space: Option<u64>,
     /// `RLIMIT_CPU` in seconds.
     pub cpu_seconds: Option<u64>,
+    /// Descriptors the child inherits (it reaches them as [`fd_path`]): a child writes to a
+    /// file we created and hold, never to a path someone could swap meanwhile.
+    pub pass_fds: Vec<RawFd>,
+}
+
+/// The path a child opens to reach an inherited descriptor.
+pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/dev/fd/{}", fd.as_raw_fd()))
 }
 
 /// What a finished child left.
@@ -61,11 +71,18 @@ pub fn run(mut cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Err
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let (address_space, cpu) = (limits.address_space, limits.cpu_seconds);
+    let pass = limits.pass_fds.clone();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // syscalls (prctl, getppid, setrlimit); it touches no memory shared with the parent.
+    // syscalls (prctl, getppid, fcntl, setrlimit); it reads its own copy of the fd list.
     unsafe {
         cmd.pre_exec(move || {
             die_with_parent()?;
+            for &fd in &pass {
+                // Keep it open across exec (ours are opened with O_CLOEXEC).
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if let Some(v) = address_space {
                 set_limit(libc::RLIMIT_AS, v)?;
             }

@@ -2,6 +2,8 @@
 //! probe), `info` runs under rlimits, and stderr is captured into the error (through the one
 //! runner, [`crate::process`]).
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -89,46 +91,89 @@ fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("qemu-img"))
 }
 
-/// Runs `qemu-img info --output=json -f <format> <path>` under rlimits.
+/// Runs `qemu-img info --output=json -f <format> <path>` under rlimits, on a path (a file the
+/// operator named, or one that is only read).
 pub fn info(path: &Path, format: &str) -> Result<Info, Error> {
+    info_at(path, path, format, Vec::new())
+}
+
+/// `qemu-img info` on a file we hold open (it reads our descriptor, whatever is at `shown` by
+/// then); `shown` names it in errors.
+pub fn info_file(file: &File, shown: &Path, format: &str) -> Result<Info, Error> {
+    info_at(
+        &process::fd_path(file),
+        shown,
+        format,
+        vec![file.as_raw_fd()],
+    )
+}
+
+fn info_at(path: &Path, shown: &Path, format: &str, pass_fds: Vec<RawFd>) -> Result<Info, Error> {
     let mut cmd = Command::new(binary());
     cmd.args(["info", "--output=json", "-f", format]).arg(path);
     let limits = process::Limits {
         address_space: Some(INFO_AS_LIMIT),
         cpu_seconds: Some(INFO_CPU_LIMIT),
+        pass_fds,
         ..process::Limits::default()
     };
-    let out = run(cmd, "info", path, &limits)?;
+    let out = run(cmd, "info", shown, &limits)?;
     serde_json::from_slice(&out).map_err(|e| Error::Parse {
-        path: path.to_owned(),
+        path: shown.to_owned(),
         detail: e.to_string(),
     })
 }
 
-/// Runs `qemu-img convert -t <cache> -f <from> -O raw <src> <dst>`.
-pub fn convert_to_raw(src: &Path, from: &str, dst: &Path, direct_io: bool) -> Result<(), Error> {
+/// Converts `src` to raw into `dst`, both files we hold open:
+/// `qemu-img convert -n --target-is-zero -t <cache> -f <from> -O raw /dev/fd/S /dev/fd/D`.
+/// `dst` must be new (all zeros) and already as long as the virtual size; qemu-img never opens
+/// a path someone could have swapped.
+pub fn convert_to_raw(
+    src: &File,
+    from: &str,
+    dst: &File,
+    shown: &Path,
+    direct_io: bool,
+) -> Result<(), Error> {
     let mut cmd = Command::new(binary());
     cmd.args([
         "convert",
+        "-n",
+        "--target-is-zero",
         "-t",
         if direct_io { "none" } else { "writeback" },
     ])
     .args(["-f", from, "-O", "raw"])
-    .arg(src)
-    .arg(dst);
-    run(cmd, "convert", src, &process::Limits::default()).map(drop)
+    .arg(process::fd_path(src))
+    .arg(process::fd_path(dst));
+    let limits = process::Limits {
+        pass_fds: vec![src.as_raw_fd(), dst.as_raw_fd()],
+        ..process::Limits::default()
+    };
+    run(cmd, "convert", shown, &limits).map(drop)
 }
 
-/// Runs `qemu-img create -f qcow2 -b <base> -F <base_format> <dst> <size>`. `base` must be
+/// Writes a qcow2 overlay into `dst`, a new file we hold open:
+/// `qemu-img create -f qcow2 -b <base> -F <base_format> /dev/fd/D <size>`. `base` must be
 /// absolute so the overlay does not depend on the working directory.
-pub fn create_overlay(dst: &Path, base: &Path, base_format: &str, size: u64) -> Result<(), Error> {
+pub fn create_overlay(
+    dst: &File,
+    shown: &Path,
+    base: &Path,
+    base_format: &str,
+    size: u64,
+) -> Result<(), Error> {
     let mut cmd = Command::new(binary());
     cmd.args(["create", "-q", "-f", "qcow2", "-b"])
         .arg(base)
         .args(["-F", base_format])
-        .arg(dst)
+        .arg(process::fd_path(dst))
         .arg(size.to_string());
-    run(cmd, "create", dst, &process::Limits::default()).map(drop)
+    let limits = process::Limits {
+        pass_fds: vec![dst.as_raw_fd()],
+        ..process::Limits::default()
+    };
+    run(cmd, "create", shown, &limits).map(drop)
 }
 
 /// Runs qemu-img; returns stdout on success, the captured stderr in the error otherwise.

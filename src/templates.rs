@@ -182,8 +182,8 @@ impl Template<'_> {
         }
         // Under the lock a `.part` is a killed run's: start from a new file.
         fsutil::remove_own(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
-        let result = self.format(&binary, &tmp).and_then(|()| {
-            fsutil::persist(&tmp, &path)
+        let result = self.format(&binary, &tmp).and_then(|f| {
+            fsutil::persist(&f, &tmp, &path)
                 .with_context(|| format!("cannot move {} into place", path.display()))
         });
         if result.is_err() {
@@ -192,13 +192,13 @@ impl Template<'_> {
         result.map(|()| path)
     }
 
-    /// Creates `tmp` (new, sparse, `size` bytes) and runs the tool on it.
-    fn format(&self, binary: &Path, tmp: &Path) -> Result<()> {
+    /// Creates `tmp` (new, sparse, `size` bytes) and runs the tool on it, through our
+    /// descriptor (the tool never opens a path someone could swap). Returns the file.
+    fn format(&self, binary: &Path, tmp: &Path) -> Result<std::fs::File> {
         let f =
             fsutil::create_new(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         f.set_len(self.size)
             .with_context(|| format!("cannot size {}", tmp.display()))?;
-        drop(f);
         self.rep.debug(&format!(
             "{} {} {}",
             binary.display(),
@@ -206,9 +206,12 @@ impl Template<'_> {
             tmp.display()
         ));
         let mut cmd = Command::new(binary);
-        cmd.args(&self.args).arg(tmp);
-        let out = process::run(cmd, &self.tool, &process::Limits::default())
-            .map_err(|_| self.missing())?;
+        cmd.args(&self.args).arg(process::fd_path(&f));
+        let limits = process::Limits {
+            pass_fds: vec![std::os::fd::AsRawFd::as_raw_fd(&f)],
+            ..process::Limits::default()
+        };
+        let out = process::run(cmd, &self.tool, &limits).map_err(|_| self.missing())?;
         if !out.status.success() {
             return Err(Error::Failed {
                 tool: self.tool.clone(),
@@ -218,7 +221,7 @@ impl Template<'_> {
             }
             .into());
         }
-        Ok(())
+        Ok(f)
     }
 }
 

@@ -554,3 +554,53 @@ fn tenant_chosen_names_cannot_drive_the_terminal() {
         prune.stdout
     );
 }
+
+#[test]
+fn a_symlink_swapped_in_while_qemu_img_converts_is_not_written_through_nor_kept() {
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("precious");
+    std::fs::write(&outside, b"precious").unwrap();
+    // A qemu-img that, just before converting, replaces `.converted` with a link to `outside`
+    // (what another account that can write `_base` could do at that moment).
+    let wrapper = work.path().join("qemu-img");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nif [ \"$1\" = convert ]; then rm -f \"$SWAP_AT\"; ln -s \"$SWAP_TO\" \"$SWAP_AT\"; fi\nexec qemu-img \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_, qcow) = make_qcow2(work.path(), "img", &test_bytes(1 << 20, 18));
+    let mut image = Image::raw("img", std::fs::read(&qcow).unwrap());
+    image.disk_format = "qcow2".into();
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let converted = cache
+        .base()
+        .join(format!("{}.converted", entry_name("img")));
+    let r = run(cache
+        .fetch(&srv.url)
+        .arg("img")
+        .env("IMGCACHE_QEMU_IMG", &wrapper)
+        .env("SWAP_AT", &converted)
+        .env("SWAP_TO", &outside));
+    r.assert_code(15);
+    assert!(r.stderr.contains("was replaced"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+    assert!(!cache.base().join(entry_name("img")).exists());
+}
+
+#[test]
+fn a_part_file_another_account_made_is_not_resumed() {
+    let cache = Cache::new();
+    std::fs::create_dir_all(cache.base()).unwrap();
+    let part = cache.base().join(format!("{}.part", entry_name("img")));
+    std::fs::write(&part, b"someone else's bytes").unwrap();
+    std::os::unix::fs::chown(&part, Some(65534), Some(65534)).unwrap();
+    let (srv, _) = server("img", 19);
+    let r = run(cache.fetch(&srv.url).arg("img"));
+    r.assert_code(15);
+    assert!(r.stderr.contains("belongs to another user"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&part).unwrap(), b"someone else's bytes");
+    assert!(srv.file_requests().is_empty());
+}

@@ -31,7 +31,7 @@ pub struct Download<'a> {
 impl Download<'_> {
     /// Downloads over HTTP into `part`, resuming from its current length. Returns the size
     /// received and the digests.
-    pub fn run(&self, algo: &str) -> Result<(u64, Digests)> {
+    pub fn run(&self, algo: &str) -> Result<(u64, Digests, File)> {
         let mut file = open_part(self.part)?;
         let hasher = HashThread::start(algo)?;
         let mut pos = self.resume(&mut file, &hasher)?;
@@ -64,16 +64,28 @@ impl Download<'_> {
             thread::sleep(wait);
         }
         // No fsync here: a raw .part is fsynced by `persist` when it becomes the entry, and a
-        // .part that is converted is deleted (the converted file is what gets fsynced).
-        Ok((pos, hasher.finish()?))
+        // .part that is converted is deleted (the converted file is what gets fsynced). The
+        // open file goes on to inspection and persist: what was verified is what is kept.
+        Ok((pos, hasher.finish()?, file))
     }
 
     /// Where to start: the length of a `.part` a killed run left (re-hashed), or 0.
     fn resume(&self, file: &mut File, hasher: &HashThread) -> Result<u64> {
-        let existing = file
+        let meta = file
             .metadata()
-            .with_context(|| format!("cannot stat {}", self.part.display()))?
-            .len();
+            .with_context(|| format!("cannot stat {}", self.part.display()))?;
+        // A `.part` another account made (and can still write) is not ours to resume.
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if std::os::unix::fs::MetadataExt::uid(&meta) != euid {
+            return Err(crate::error::Untrusted::io(format!(
+                "{} belongs to another user (uid {}); it is not ours to resume — remove it if its download is dead",
+                self.part.display(),
+                std::os::unix::fs::MetadataExt::uid(&meta)
+            ))
+            .into());
+        }
+        let existing = meta.len();
         if existing > 0 && self.image.size.is_none_or(|s| existing <= s) {
             self.rep.info(&format!(
                 "image {}: resuming {} from byte {existing} (re-hashing what is there)",
@@ -327,7 +339,7 @@ pub fn download_direct(
     limit: u64,
     rep: &dyn Reporter,
     bar: &dyn Transfer,
-) -> Result<(u64, Digests)> {
+) -> Result<(u64, Digests, File)> {
     rep.debug(&format!("reading {} directly", src.display()));
     let input =
         File::open(src).with_context(|| format!("cannot open direct_url {}", src.display()))?;
@@ -353,7 +365,7 @@ pub fn download_direct(
             return Err(anyhow::Error::new(e).context(format!("cannot write {}", part.display())));
         }
     };
-    Ok((n, hasher.finish()?))
+    Ok((n, hasher.finish()?, file))
 }
 
 /// The local path of a `file://` direct_url, if allowed and readable.

@@ -278,7 +278,7 @@ impl Build<'_> {
             }
             .run(&algo),
         };
-        let (size, digest) = match received {
+        let (size, digest, file) = match received {
             Ok(v) => v,
             Err(e) => {
                 let _ = fsutil::remove_own(&part);
@@ -291,7 +291,7 @@ impl Build<'_> {
             size as f64 / secs.max(1e-9) / 1e6
         ));
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
-            .and_then(|()| self.inspect_and_persist(&algo, size, &digest.content));
+            .and_then(|()| self.inspect_and_persist(&file, &algo, size, &digest.content));
         if verified.is_err() {
             let _ = fsutil::remove_own(&part);
         }

@@ -2,6 +2,7 @@
 //! opinion second), convert it to raw if asked, then write the record and rename the entry into
 //! place — record first, so a crash never leaves an entry without its record.
 
+use std::fs::File;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -14,38 +15,59 @@ use crate::inspect::{self, Format};
 use crate::qemu_img;
 use crate::units;
 
-/// The file that becomes the entry, its format and its content digest.
-struct Made {
-    file: PathBuf,
+/// What becomes the entry: the open file, where it is, its format and its content digest.
+struct Made<'f> {
+    file: MadeFile<'f>,
+    path: PathBuf,
     format: String,
     content: String,
 }
 
+/// The verified `.part` itself, or the conversion's output.
+enum MadeFile<'f> {
+    Part(&'f File),
+    Converted(File),
+}
+
+impl MadeFile<'_> {
+    fn get(&self) -> &File {
+        match self {
+            MadeFile::Part(f) => f,
+            MadeFile::Converted(f) => f,
+        }
+    }
+}
+
 impl Build<'_> {
-    /// Inspects the verified `.part`, converts it if asked, and persists entry and record.
+    /// Inspects the verified `.part` (through the descriptor the download wrote, so what was
+    /// verified is what is inspected and kept), converts it if asked, and persists entry and
+    /// record.
     pub(super) fn inspect_and_persist(
         &self,
+        part_file: &File,
         algo: &str,
         size: u64,
         content_digest: &str,
     ) -> Result<Record> {
         let part = self.entry.part_path();
         self.bar.stage("inspecting");
-        let (report, info) = self.inspect()?;
+        let (report, info) = self.inspect(part_file)?;
         let convert = self.opts.force_raw && report.format.qemu_name() != "raw";
         let made = if convert {
-            self.convert(size, &report, &info)?
+            self.convert(part_file, size, &report, &info)?
         } else {
             Made {
-                file: part.clone(),
+                file: MadeFile::Part(part_file),
+                path: part.clone(),
                 format: report.format.qemu_name().to_owned(),
                 content: content_digest.to_owned(),
             }
         };
-        let entry_size = fsutil::stat(&made.file)
-            .ok()
-            .flatten()
-            .with_context(|| format!("cannot stat {}", made.file.display()))?
+        let entry_size = made
+            .file
+            .get()
+            .metadata()
+            .with_context(|| format!("cannot stat {}", made.path.display()))?
             .len();
         let (now, stamp) = units::now_stamp();
         let image = self.image;
@@ -69,8 +91,8 @@ impl Build<'_> {
         // Record first, entry second: a crash in between leaves a record without an entry,
         // which is ignored and overwritten, never an entry without its record.
         self.entry.write_record(&record)?;
-        fsutil::persist(&made.file, &self.entry.path())
-            .with_context(|| format!("cannot move {} into place", made.file.display()))?;
+        fsutil::persist(made.file.get(), &made.path, &self.entry.path())
+            .with_context(|| format!("cannot move {} into place", made.path.display()))?;
         if convert {
             fsutil::remove_own(&part)
                 .with_context(|| format!("cannot remove {}", part.display()))?;
@@ -79,13 +101,13 @@ impl Build<'_> {
     }
 
     /// The inspector's verdict on the `.part`, with qemu-img's agreement.
-    fn inspect(&self) -> Result<(inspect::Report, qemu_img::Info)> {
+    fn inspect(&self, part_file: &File) -> Result<(inspect::Report, qemu_img::Info)> {
         let part = self.entry.part_path();
         let declared =
             Format::from_disk_format(self.image.disk_format.as_deref().unwrap_or("raw"))?;
-        let report = inspect::inspect_path_with(&part, &self.opts.limits)?;
+        let report = inspect::inspect_file(part_file, &part, &self.opts.limits)?;
         inspect::check_declared(declared, report.format)?;
-        let info = qemu_img::info(&part, report.format.qemu_name())?;
+        let info = qemu_img::info_file(part_file, &part, report.format.qemu_name())?;
         second_opinion(&report, &info)?;
         self.rep.debug(&format!(
             "image {}: inspected as {}, virtual size {} bytes; qemu-img agrees",
@@ -96,36 +118,48 @@ impl Build<'_> {
         Ok((report, info))
     }
 
-    /// Converts the `.part` to raw in `.converted` and checks the result.
-    fn convert(&self, size: u64, report: &inspect::Report, info: &qemu_img::Info) -> Result<Made> {
+    /// Converts the `.part` to raw into a new `.converted` and checks the result. qemu-img
+    /// reads and writes our descriptors, never the paths.
+    fn convert<'f>(
+        &self,
+        part_file: &'f File,
+        size: u64,
+        report: &inspect::Report,
+        info: &qemu_img::Info,
+    ) -> Result<Made<'f>> {
         let id = self.image.id.as_str();
         let base_dir = self.cache.base_dir();
         self.bar.stage("converting");
         let dst = self.entry.converted_path();
         check_space(id, base_dir, size, info.virtual_size)?;
         let direct_io = fsutil::direct_io_works(base_dir);
+        let out =
+            fsutil::create_new(&dst).with_context(|| format!("cannot create {}", dst.display()))?;
+        out.set_len(info.virtual_size)
+            .with_context(|| format!("cannot size {}", dst.display()))?;
         let started = std::time::Instant::now();
         let from = report.format.qemu_name();
-        qemu_img::convert_to_raw(&self.entry.part_path(), from, &dst, direct_io)?;
+        qemu_img::convert_to_raw(part_file, from, &out, &dst, direct_io)?;
         self.rep.debug(&format!(
             "image {id}: converted {} to raw (-t {}) in {:.2}s",
             report.format.name(),
             if direct_io { "none" } else { "writeback" },
             started.elapsed().as_secs_f64()
         ));
-        let out = qemu_img::info(&dst, "raw")?;
-        if out.virtual_size != info.virtual_size {
+        let converted = qemu_img::info_file(&out, &dst, "raw")?;
+        if converted.virtual_size != info.virtual_size {
             return Err(Error::ConvertedSize {
                 id: id.to_owned(),
                 expected: info.virtual_size,
-                got: out.virtual_size,
+                got: converted.virtual_size,
             }
             .into());
         }
-        let content = cache::content_digest(&dst)
+        let content = cache::content_digest_of(&out)
             .with_context(|| format!("cannot read {}", dst.display()))?;
         Ok(Made {
-            file: dst,
+            file: MadeFile::Converted(out),
+            path: dst,
             format: "raw".to_owned(),
             content,
         })

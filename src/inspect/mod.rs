@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use std::fs::File;
+
 use crate::error::Kind;
 use crate::fsutil;
 
@@ -195,7 +197,12 @@ pub fn inspect_path_with(path: &Path, limits: &Limits) -> Result<Report, Error> 
     // Cache files are never followed or blocked on (a symlink or FIFO planted at a `.part`).
     let file =
         fsutil::open_regular(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-    let src = Source::new(&file).map_err(|e| Error::Io(e.to_string()))?;
+    inspect_file(&file, path, limits)
+}
+
+/// Detects the format of a file we hold open and runs its safety checks; `shown` names it.
+pub fn inspect_file(file: &File, shown: &Path, limits: &Limits) -> Result<Report, Error> {
+    let src = Source::new(file).map_err(|e| Error::Io(format!("{}: {e}", shown.display())))?;
     inspect(&src, limits)
 }
 

@@ -71,11 +71,11 @@ impl Job<'_> {
             made.status = Status::Exists;
             return Ok(made);
         }
-        let mut tmp = TempFile::new(&self.inst.dir, file)
+        let tmp = TempFile::new(&self.inst.dir, file)
             .with_context(|| format!("cannot create a temp file in {}", self.inst.dir.display()))?;
         match backend {
             Backend::Raw => made.method = Some(self.raw_copy(base, &tmp, size)?),
-            Backend::Qcow2 | Backend::Rbd => self.overlay(base, &mut tmp, size)?,
+            Backend::Qcow2 | Backend::Rbd => self.overlay(base, &tmp, size)?,
         }
         if self.req.preallocate {
             self.preallocate(&tmp, &target, size, backend == Backend::Qcow2)?;
@@ -104,7 +104,7 @@ impl Job<'_> {
             )
         };
         let src = fsutil::open_regular(&base.path).with_context(copy_error)?;
-        let out = tmp.file()?;
+        let out = tmp.file();
         let method = disk::copy_sparse(&src, out).with_context(copy_error)?;
         if out.metadata()?.len() < size {
             out.set_len(size)
@@ -116,7 +116,7 @@ impl Job<'_> {
     /// A qcow2 overlay backed by the base. The base is re-checked before it becomes a backing
     /// file: it must still be what the record says (a raw base that now parses as qcow2 is
     /// refused).
-    fn overlay(&self, base: &Base, tmp: &mut TempFile, size: u64) -> Result<()> {
+    fn overlay(&self, base: &Base, tmp: &TempFile, size: u64) -> Result<()> {
         let found = inspect::inspect_path_with(&base.path, &self.req.opts.limits)?;
         if found.format.qemu_name() != base.format {
             return Err(Error::BaseChanged {
@@ -126,16 +126,12 @@ impl Job<'_> {
             }
             .into());
         }
-        // qemu-img rewrites the file by its path: our descriptor is not needed meanwhile.
-        tmp.close();
-        qemu_img::create_overlay(tmp.path(), &base.path, &base.format, size)?;
+        qemu_img::create_overlay(tmp.file(), tmp.path(), &base.path, &base.format, size)?;
         Ok(())
     }
 
     fn preallocate(&self, tmp: &TempFile, target: &Path, size: u64, keep_size: bool) -> Result<()> {
-        let f = fsutil::open_regular_rw(tmp.path())
-            .with_context(|| format!("cannot open {}", tmp.path().display()))?;
-        let done = disk::preallocate(&f, size, keep_size)
+        let done = disk::preallocate(tmp.file(), size, keep_size)
             .with_context(|| format!("cannot preallocate {}", tmp.path().display()))?;
         if !done {
             self.rep.warn(&format!(
@@ -197,7 +193,7 @@ impl Job<'_> {
             .with_context(|| format!("cannot create a temp file in {}", self.inst.dir.display()))?;
         let src = fsutil::open_regular(&base.path)
             .with_context(|| format!("cannot copy {}", base.path.display()))?;
-        let method = disk::copy_sparse(&src, tmp.file()?)
+        let method = disk::copy_sparse(&src, tmp.file())
             .with_context(|| format!("cannot copy {}", base.path.display()))?;
         made.method = Some(method.name());
         tmp.persist(&target)
