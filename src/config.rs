@@ -40,6 +40,7 @@ pub const KEYS: &[&str] = &[
     "allow_direct_file",
     "max_virtual_size",
     "max_image_size",
+    "min_free",
     "min_age",
     "min_age_resized",
     "temp_age",
@@ -75,13 +76,14 @@ pub fn locate(explicit: Option<PathBuf>) -> Option<(PathBuf, bool)> {
 
 /// Reads and checks a configuration file: TOML, known keys only.
 pub fn load(path: &Path) -> Result<File> {
-    let text = std::fs::read_to_string(path)
+    let bytes = crate::fsutil::read_operator_file(path, MAX_FILE)
         .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         UsageError(format!(
             "configuration file {}: {}",
             path.display(),
-            e.to_string().lines().next().unwrap_or("invalid TOML")
+            toml_problem(&text, &e)
         ))
     })?;
     let mut values = BTreeMap::new();
@@ -107,6 +109,30 @@ pub fn load(path: &Path) -> Result<File> {
         path: path.to_owned(),
         values,
     })
+}
+
+/// Largest configuration file read.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Where and why a TOML file does not parse, on one line: `line 3, column 9: invalid array;
+/// expected ']'`.
+fn toml_problem(text: &str, e: &toml::de::Error) -> String {
+    let why = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {why}")
+        }
+        None => why,
+    }
 }
 
 /// The flag a key becomes, or `None` when the value needs no flag (a false switch).

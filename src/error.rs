@@ -37,6 +37,8 @@ pub enum Kind {
     /// Something that is not ours to trust sits where the cache expects a regular file of its own
     /// (a symlink, FIFO, device or directory): refused, never followed, never deleted.
     Untrusted,
+    /// Glance (or Keystone) answered with something that is not its API: a malformed record.
+    Protocol,
 }
 
 impl Kind {
@@ -57,6 +59,7 @@ impl Kind {
             Kind::Conflict => 12,
             Kind::NotWritable => 14,
             Kind::Untrusted => 15,
+            Kind::Protocol => 16,
         }
     }
 
@@ -77,6 +80,7 @@ impl Kind {
             Kind::Conflict => "conflict",
             Kind::NotWritable => "not-writable",
             Kind::Untrusted => "untrusted",
+            Kind::Protocol => "protocol",
         }
     }
 }
@@ -100,6 +104,7 @@ Exit codes:
   13  prune: entries in use alone exceed --max-size
   14  the cache directory is not writable (read-only filesystem, permission denied)
   15  a symlink, FIFO or other non-regular file sits where the cache expects its own file
+  16  Glance answered something that is not its API (a malformed image record)
 With several image ids, the exit code is that of the first failed id in command-line order.";
 
 /// A usage error raised after argument parsing (for example an invalid image id).

@@ -140,6 +140,33 @@ pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Reads a file the operator named (the configuration file, clouds.yaml): a link to it is
+/// followed, but only a regular file is read (a FIFO or device is refused, never blocked on),
+/// and at most `limit` bytes.
+pub fn read_operator_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Untrusted::io(format!(
+            "{} is {}, not a regular file",
+            path.display(),
+            describe_type(&meta)
+        )));
+    }
+    let mut buf = Vec::new();
+    file.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(buf)
+}
+
 /// Sets a regular file's mtime to now (prune reads it as "last used").
 pub fn touch(path: &Path) -> io::Result<()> {
     open_regular(path)?.set_modified(SystemTime::now())

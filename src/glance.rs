@@ -81,8 +81,8 @@ impl Error {
             Error::Status { .. }
             | Error::Transport { .. }
             | Error::Data { .. }
-            | Error::TooSlow { .. }
-            | Error::BadRecord { .. } => Kind::Unavailable,
+            | Error::TooSlow { .. } => Kind::Unavailable,
+            Error::BadRecord { .. } => Kind::Protocol,
             Error::BadUrl { .. } => Kind::Usage,
             Error::WrongRecord { .. } => Kind::Integrity,
             Error::Redirect { .. } => Kind::Unavailable,

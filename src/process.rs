@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 const MAX_STDOUT: u64 = 64 << 20;
 /// Most stderr kept (it goes into a one-line error message).
 const MAX_STDERR: u64 = 64 << 10;
-/// How often a child with a deadline is polled.
+/// How often a running child is polled.
 const POLL: Duration = Duration::from_millis(20);
 
 /// Why a child could not be run to its end.
@@ -27,6 +27,9 @@ pub enum Error {
     },
     #[error("`{shown}` timed out after {}s", .after.as_secs())]
     Timeout { shown: String, after: Duration },
+    /// The watch passed to [`run_watched`] asked to stop it.
+    #[error("`{shown}` was stopped: {why}")]
+    Stopped { shown: String, why: String },
 }
 
 /// Limits a child runs under.
@@ -66,7 +69,18 @@ impl Output {
 
 /// Runs `cmd` to its end (or its deadline) and returns its output, whatever its exit status.
 /// `shown` names the command in a timeout error.
-pub fn run(mut cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Error> {
+pub fn run(cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Error> {
+    run_watched(cmd, shown, limits, &|| None)
+}
+
+/// [`run`], asking `watch` every 20 ms whether to go on: `Some(why)` kills the child and
+/// fails with [`Error::Stopped`] (a conversion about to fill the filesystem).
+pub fn run_watched(
+    mut cmd: Command,
+    shown: &str,
+    limits: &Limits,
+    watch: &dyn Fn() -> Option<String>,
+) -> Result<Output, Error> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -98,14 +112,20 @@ pub fn run(mut cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Err
         .map_err(|source| Error::Spawn { program, source })?;
     let stdout = drain(child.stdout.take(), MAX_STDOUT);
     let stderr = drain(child.stderr.take(), MAX_STDERR);
-    let status = match wait(&mut child, limits.timeout) {
-        Some(status) => status,
-        None => {
+    let status = match wait(&mut child, limits.timeout, watch) {
+        Ok(status) => status,
+        Err(stop) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Error::Timeout {
-                shown: shown.to_owned(),
-                after: limits.timeout.unwrap_or_default(),
+            return Err(match stop {
+                Some(why) => Error::Stopped {
+                    shown: shown.to_owned(),
+                    why,
+                },
+                None => Error::Timeout {
+                    shown: shown.to_owned(),
+                    after: limits.timeout.unwrap_or_default(),
+                },
             });
         }
     };
@@ -118,19 +138,26 @@ pub fn run(mut cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Err
     })
 }
 
-/// Waits for the child, up to `timeout`. `None` when the deadline passed first.
-fn wait(child: &mut Child, timeout: Option<Duration>) -> Option<ExitStatus> {
-    let Some(timeout) = timeout else {
-        // A failed wait leaves nothing to wait for; report it like a signal death.
-        return Some(child.wait().unwrap_or_else(|_| killed()));
-    };
-    let deadline = Instant::now() + timeout;
+/// Waits for the child, up to `timeout`, polling `watch`. `Err(None)`: the deadline passed;
+/// `Err(Some(why))`: the watch asked to stop.
+fn wait(
+    child: &mut Child,
+    timeout: Option<Duration>,
+    watch: &dyn Fn() -> Option<String>,
+) -> Result<ExitStatus, Option<String>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() >= deadline => return None,
-            Ok(None) => std::thread::sleep(POLL),
-            Err(_) => return Some(killed()),
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => return Err(None),
+            Ok(None) => {
+                if let Some(why) = watch() {
+                    return Err(Some(why));
+                }
+                std::thread::sleep(POLL);
+            }
+            // Nothing left to wait for; report it like a signal death.
+            Err(_) => return Ok(killed()),
         }
     }
 }
@@ -216,6 +243,17 @@ mod tests {
         };
         let err = run(cmd, "sleep 30", &limits).unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_watch_stops_a_child() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let err = run_watched(cmd, "sleep 30", &Limits::default(), &|| {
+            Some("enough".into())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("stopped: enough"), "{err}");
     }
 
     #[test]

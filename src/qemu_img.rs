@@ -31,6 +31,12 @@ pub enum Error {
     },
     #[error("cannot parse `qemu-img info` output for {path}: {detail}")]
     Parse { path: PathBuf, detail: String },
+    #[error("qemu-img {op} {path} was stopped: {why}")]
+    Stopped {
+        op: &'static str,
+        path: PathBuf,
+        why: String,
+    },
 }
 
 impl Error {
@@ -40,6 +46,7 @@ impl Error {
             Error::Failed { stderr, .. } if stderr.contains("No space left on device") => {
                 Kind::NoSpace
             }
+            Error::Stopped { .. } => Kind::NoSpace,
             _ => Kind::Tool,
         }
     }
@@ -128,12 +135,14 @@ fn info_at(path: &Path, shown: &Path, format: &str, pass_fds: Vec<RawFd>) -> Res
 /// `qemu-img convert -n --target-is-zero -t <cache> -f <from> -O raw /dev/fd/S /dev/fd/D`.
 /// `dst` must be new (all zeros) and already as long as the virtual size; qemu-img never opens
 /// a path someone could have swapped.
+/// `watch` is asked every 20 ms whether to go on (`Some(why)` stops the conversion).
 pub fn convert_to_raw(
     src: &File,
     from: &str,
     dst: &File,
     shown: &Path,
     direct_io: bool,
+    watch: &dyn Fn() -> Option<String>,
 ) -> Result<(), Error> {
     let mut cmd = Command::new(binary());
     cmd.args([
@@ -150,7 +159,7 @@ pub fn convert_to_raw(
         pass_fds: vec![src.as_raw_fd(), dst.as_raw_fd()],
         ..process::Limits::default()
     };
-    run(cmd, "convert", shown, &limits).map(drop)
+    run_watched(cmd, "convert", shown, &limits, watch).map(drop)
 }
 
 /// Writes a qcow2 overlay into `dst`, a new file we hold open:
@@ -183,8 +192,27 @@ fn run(
     path: &Path,
     limits: &process::Limits,
 ) -> Result<Vec<u8>, Error> {
-    let out = process::run(cmd, &format!("qemu-img {op}"), limits)
-        .map_err(|e| Error::Missing(e.to_string()))?;
+    run_watched(cmd, op, path, limits, &|| None)
+}
+
+fn run_watched(
+    cmd: Command,
+    op: &'static str,
+    path: &Path,
+    limits: &process::Limits,
+    watch: &dyn Fn() -> Option<String>,
+) -> Result<Vec<u8>, Error> {
+    let out =
+        process::run_watched(cmd, &format!("qemu-img {op}"), limits, watch).map_err(
+            |e| match e {
+                process::Error::Stopped { why, .. } => Error::Stopped {
+                    op,
+                    path: path.to_owned(),
+                    why,
+                },
+                other => Error::Missing(other.to_string()),
+            },
+        )?;
     if out.status.success() {
         return Ok(out.stdout);
     }

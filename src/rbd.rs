@@ -118,7 +118,7 @@ impl Rbd {
             ..process::Limits::default()
         };
         let out = process::run(cmd, &shown, &limits).map_err(|e| match e {
-            process::Error::Timeout { .. } => Error::Timeout {
+            process::Error::Timeout { .. } | process::Error::Stopped { .. } => Error::Timeout {
                 cmd: shown.clone(),
                 secs: self.timeout.as_secs(),
             },

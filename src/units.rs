@@ -29,6 +29,37 @@ pub fn parse_size(what: &str, s: &str) -> Result<u64, UsageError> {
     n.checked_mul(1u64 << shift).ok_or_else(|| bad("too large"))
 }
 
+/// Space to keep free on a filesystem: bytes, or a percentage of its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    Bytes(u64),
+    Percent(u64),
+}
+
+impl Reserve {
+    /// The reserve in bytes on a filesystem of `total` bytes.
+    pub fn of(self, total: u64) -> u64 {
+        match self {
+            Reserve::Bytes(b) => b,
+            Reserve::Percent(p) => (total as u128 * p as u128 / 100) as u64,
+        }
+    }
+}
+
+/// Parses `5%` or a size (`20G`).
+pub fn parse_reserve(what: &str, s: &str) -> Result<Reserve, UsageError> {
+    let t = s.trim();
+    match t.strip_suffix('%') {
+        Some(p) => match p.trim().parse::<u64>() {
+            Ok(p) if p <= 100 => Ok(Reserve::Percent(p)),
+            _ => Err(UsageError(format!(
+                "invalid {what} {s:?}: a percentage is a whole number from 0 to 100, e.g. 5%"
+            ))),
+        },
+        None => parse_size(what, t).map(Reserve::Bytes),
+    }
+}
+
 /// Formats bytes for people: `20 GiB`, `512 MiB`, `1.5 GiB`, `123 B`.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -159,6 +190,14 @@ mod tests {
             let e = parse_size("size", s).unwrap_err().to_string();
             assert!(e.starts_with("invalid size"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn reserves() {
+        assert_eq!(parse_reserve("r", "5%").unwrap().of(1000), 50);
+        assert_eq!(parse_reserve("r", "1M").unwrap().of(10), 1 << 20);
+        assert!(parse_reserve("r", "101%").is_err());
+        assert!(parse_reserve("r", "x%").is_err());
     }
 
     #[test]

@@ -604,3 +604,116 @@ fn a_part_file_another_account_made_is_not_resumed() {
     assert_eq!(std::fs::read(&part).unwrap(), b"someone else's bytes");
     assert!(srv.file_requests().is_empty());
 }
+
+#[test]
+fn a_kernel_id_pointing_at_a_qcow2_disk_image_does_not_poison_its_entry() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, qcow) = make_qcow2(work.path(), "img", &test_bytes(1 << 20, 20));
+    let mut image = Image::raw("root", std::fs::read(&qcow).unwrap());
+    image.disk_format = "qcow2".into();
+    // Every id serves these bytes: the root's kernel_id names another (qcow2) image.
+    image.any_id = true;
+    image
+        .properties
+        .insert("kernel_id".into(), "public-disk".into());
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    run(&mut cache.create(&srv.url, "vm1", "root")).assert_code(0);
+    // Later, the same image used as a disk: its entry is raw, as a fetch of it makes it.
+    let r = run(cache
+        .create(&srv.url, "vm2", "public-disk")
+        .args(["--backend", "raw"]));
+    r.assert_code(0);
+    let record = crate::support::record(&cache, "public-disk");
+    assert_eq!(record["format"], "raw", "{record}");
+}
+
+#[test]
+fn a_conversion_that_would_eat_the_reserve_is_stopped() {
+    // 48 MiB of one repeated byte compresses to a tiny qcow2: the estimate (twice the
+    // download) passes, the output does not fit above a 24 MiB reserve on a 64 MiB filesystem.
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("big.raw");
+    std::fs::write(&raw, vec![0x5a; 48 << 20]).unwrap();
+    let qcow = work.path().join("big.qcow2");
+    crate::support::qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    let mut image = Image::raw("big", std::fs::read(&qcow).unwrap());
+    image.disk_format = "qcow2".into();
+    let srv = FaultServer::start(image);
+    let fs = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(fs.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs (needs root)");
+    let r = run(imgcache()
+        .arg("fetch")
+        .arg("--instances-path")
+        .arg(fs.path())
+        .args(["--glance-url", &srv.url, "--min-free", "24M", "big"]));
+    let files = Cache::files_in(&fs.path().join("_base"));
+    let _ = std::process::Command::new("umount").arg(fs.path()).status();
+    r.assert_code(9);
+    assert!(r.stderr.contains("--min-free"), "{}", r.stderr);
+    assert!(files.is_empty(), "{files:?}");
+}
+
+#[test]
+fn a_malformed_record_is_a_protocol_error_not_unavailable() {
+    let mut image = Image::raw("img", test_bytes(1 << 20, 21));
+    image.record_body = Some("<html>a proxy's login page</html>".into());
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run(cache.fetch(&srv.url).args(["--retries", "0", "img"]));
+    r.assert_code(16);
+    assert!(r.stderr.contains("cannot be read"), "{}", r.stderr);
+    cache.assert_clean_or_complete(None);
+}
+
+#[test]
+fn configuration_files_are_read_bounded_and_explain_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let instances = dir.path().to_str().unwrap().to_owned();
+    // A FIFO named as the configuration file is refused, not waited on.
+    let fifo = dir.path().join("imgcache.toml");
+    mkfifo(&fifo);
+    let r = run_guarded(
+        imgcache()
+            .arg("--config")
+            .arg(&fifo)
+            .args(["list", "--instances-path", &instances]),
+        GUARD,
+    );
+    r.assert_code(15);
+    assert!(r.stderr.contains("a FIFO"), "{}", r.stderr);
+    // A TOML error says why, not only where.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "jobs = [\n").unwrap();
+    let r =
+        run(imgcache()
+            .arg("--config")
+            .arg(&bad)
+            .args(["list", "--instances-path", &instances]));
+    r.assert_code(2);
+    assert!(
+        r.stderr.contains("line 1, column 9: unclosed array"),
+        "{}",
+        r.stderr
+    );
+    // An empty IMGCACHE_CONFIG means unset, not a --config flag without its value.
+    let r =
+        run(imgcache()
+            .env("IMGCACHE_CONFIG", "")
+            .args(["list", "--instances-path", &instances]));
+    r.assert_code(0);
+}

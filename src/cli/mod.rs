@@ -51,7 +51,8 @@ pub struct Global {
 
     /// Configuration file (TOML; keys are the long flag names, e.g. lock_timeout = "30m").
     /// Default: /etc/imgcache/imgcache.toml if it exists.
-    #[arg(long, global = true, env = "IMGCACHE_CONFIG", value_name = "FILE")]
+    /// IMGCACHE_CONFIG names it too (read by `config::locate`, so an empty value means unset).
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
 }
 
@@ -297,6 +298,12 @@ pub struct FetchOpts {
     /// record's size is the cap).
     #[arg(long, default_value = "1T", value_name = "SIZE")]
     pub max_image_size: String,
+
+    /// Free space a conversion to raw must leave on the cache's filesystem (which often holds
+    /// the running VMs' disks too): a size (20G) or a percentage (5%). Checked before, and the
+    /// conversion is stopped the moment the free space falls to it.
+    #[arg(long, default_value = "5%", value_name = "SIZE|PERCENT")]
+    pub min_free: String,
 }
 
 /// `imgcache fetch`.

@@ -20,7 +20,7 @@ use crate::inspect::{Format, Limits};
 use crate::openstack;
 use crate::rbd;
 use crate::templates::Fs;
-use crate::units::parse_size;
+use crate::units::{parse_reserve, parse_size};
 
 fn cache(global: &Global) -> Result<Cache> {
     Cache::new(&global.instances_path, &global.base_dir_name)
@@ -169,6 +169,7 @@ fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageErr
             allow_luks: false,
         },
         max_image_size: parse_size("--max-image-size", &f.max_image_size)?,
+        min_free: parse_reserve("--min-free", &f.min_free)?,
         min_rate: MinRate {
             bytes: parse_size("--min-rate", &glance.min_rate)?
                 .saturating_mul(glance.read_timeout.as_secs().max(1)),

@@ -62,12 +62,13 @@ pub enum Error {
     )]
     UnsupportedHash { id: String, algo: String },
     #[error(
-        "not enough space in {dir} to convert image {id}: need about {need} bytes, {available} available; free space or use --no-force-raw"
+        "not enough space in {dir} to convert image {id}: need about {need} bytes and {reserve} kept free (--min-free), {available} available; free space, lower --min-free or use --no-force-raw"
     )]
     NoSpace {
         id: String,
         dir: PathBuf,
         need: u64,
+        reserve: u64,
         available: u64,
     },
     #[error(
@@ -110,6 +111,8 @@ pub struct Options {
     pub max_image_size: u64,
     /// The slowest data transfer accepted before the attempt is given up.
     pub min_rate: download::MinRate,
+    /// Free space a conversion must leave on the cache's filesystem (`--min-free`).
+    pub min_free: crate::units::Reserve,
 }
 
 /// A cache entry ready to use.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::verify::{check_space, hash_value, second_opinion};
+use super::verify::{check_space, hash_value, second_opinion, space_watch};
 use super::{Build, Error};
 use crate::cache::{self, Record};
 use crate::fsutil;
@@ -131,7 +131,7 @@ impl Build<'_> {
         let base_dir = self.cache.base_dir();
         self.bar.stage("converting");
         let dst = self.entry.converted_path();
-        check_space(id, base_dir, size, info.virtual_size)?;
+        let reserve = check_space(id, base_dir, size, info.virtual_size, self.opts.min_free)?;
         let direct_io = fsutil::direct_io_works(base_dir);
         let out =
             fsutil::create_new(&dst).with_context(|| format!("cannot create {}", dst.display()))?;
@@ -139,7 +139,8 @@ impl Build<'_> {
             .with_context(|| format!("cannot size {}", dst.display()))?;
         let started = std::time::Instant::now();
         let from = report.format.qemu_name();
-        qemu_img::convert_to_raw(part_file, from, &out, &dst, direct_io)?;
+        let watch = space_watch(base_dir, reserve);
+        qemu_img::convert_to_raw(part_file, from, &out, &dst, direct_io, &watch)?;
         self.rep.debug(&format!(
             "image {id}: converted {} to raw (-t {}) in {:.2}s",
             report.format.name(),

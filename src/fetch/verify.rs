@@ -3,13 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::Error;
 use super::hash::GlanceHash;
 use crate::glance::Image;
 use crate::inspect::{self, Format};
 use crate::qemu_img;
+use crate::units::Reserve;
 
 /// The received size and Glance-hash digest must be Glance's.
 pub fn verify(image: &Image, size: u64, algo: &str, expected: &str, digest: &str) -> Result<()> {
@@ -98,19 +99,41 @@ pub fn second_opinion(
 }
 
 /// Converting writes at most the virtual size, usually far less (zeros stay holes). Like
-/// Ironic, require the smaller of the virtual size and twice the downloaded size.
-pub fn check_space(id: &str, dir: &Path, size: u64, virtual_size: u64) -> Result<()> {
+/// Ironic, expect the smaller of the virtual size and twice the downloaded size, and require it
+/// on top of the `--min-free` reserve. Returns the reserve in bytes (the conversion is stopped
+/// if the free space falls to it: a small compressed image can expand far past the estimate).
+pub fn check_space(
+    id: &str,
+    dir: &Path,
+    size: u64,
+    virtual_size: u64,
+    min_free: Reserve,
+) -> Result<u64> {
     let need = virtual_size.min(size.saturating_mul(2));
-    let available = fs2::available_space(dir)
-        .with_context(|| format!("cannot read free space of {}", dir.display()))?;
-    if available < need {
+    let read =
+        |e| anyhow::Error::new(e).context(format!("cannot read free space of {}", dir.display()));
+    let available = fs2::available_space(dir).map_err(read)?;
+    let reserve = min_free.of(fs2::total_space(dir).map_err(read)?);
+    if available < need.saturating_add(reserve) {
         return Err(Error::NoSpace {
             id: id.to_owned(),
             dir: PathBuf::from(dir),
             need,
+            reserve,
             available,
         }
         .into());
     }
-    Ok(())
+    Ok(reserve)
+}
+
+/// The watch of a running conversion: stop once the free space is down to `reserve`.
+pub fn space_watch(dir: &Path, reserve: u64) -> impl Fn() -> Option<String> + '_ {
+    move || match fs2::available_space(dir) {
+        Ok(free) if free <= reserve => Some(format!(
+            "the free space in {} fell to {free} bytes, the --min-free reserve is {reserve}; nothing was kept",
+            dir.display()
+        )),
+        _ => None,
+    }
 }

@@ -35,8 +35,9 @@ fn find(
 }
 
 fn read(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::fsutil::read_operator_file(path, 4 << 20)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
     serde_norway::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))
 }
 

@@ -63,6 +63,8 @@ pub struct Image {
     pub record_id: Option<String>,
     /// Extra record fields (kernel_id, ...).
     pub properties: serde_json::Map<String, serde_json::Value>,
+    /// Send this instead of the record.
+    pub record_body: Option<String>,
 }
 
 impl Image {
@@ -81,6 +83,7 @@ impl Image {
             null_size: false,
             record_id: None,
             properties: serde_json::Map::new(),
+            record_body: None,
         }
     }
 }
@@ -202,7 +205,10 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
     }
     let record_path = format!("/v2/images/{}", image.id);
     let (status, sent) = if path == record_path {
-        let body = record_json(&image);
+        let body = image
+            .record_body
+            .clone()
+            .unwrap_or_else(|| record_json(&image));
         respond(
             &mut out,
             200,

@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use super::Outcome;
 use crate::cache;
-use crate::fetch;
 use crate::fsutil;
 use crate::glance;
 use crate::instance::{self, DiskRecord, Instance};
@@ -148,16 +147,15 @@ impl Job<'_> {
         records: &mut BTreeMap<String, DiskRecord>,
         made: &mut Vec<Made>,
     ) -> Result<()> {
-        let raw_as_is = fetch::Options {
-            force_raw: false,
-            ..self.req.opts.clone()
-        };
+        // Fetched exactly as a disk image would be: the entry of an image id is the same
+        // whoever asks for it, so a kernel_id pointing at a disk image cannot leave that
+        // image's entry unconverted.
         for (prop, file) in [("kernel_id", "kernel"), ("ramdisk_id", "ramdisk")] {
             let Some(id) = root.properties.get(prop).and_then(|v| v.as_str()) else {
                 continue;
             };
             let base = self
-                .image_base(id, &raw_as_is)
+                .image_base(id, &self.req.opts)
                 .with_context(|| format!("the {prop} of image {} is {id}", self.req.image))?;
             made.push(self.plain_copy((file, file), &base, records)?);
         }
