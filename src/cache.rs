@@ -81,6 +81,8 @@ impl Cache {
         let instances = std::path::absolute(instances_path).with_context(|| {
             format!("cannot resolve instances path {}", instances_path.display())
         })?;
+        // The operator's instances path may itself be a link; nothing below it is followed.
+        fsutil::trust_root(&instances);
         Ok(Cache {
             base: instances.join(base_dir_name),
             locks: instances.join("locks"),

@@ -131,6 +131,13 @@ pub fn run_watched(
     };
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
+    // A child quicker than one poll is judged by the watch at its end all the same.
+    if let Some(why) = watch() {
+        return Err(Error::Stopped {
+            shown: shown.to_owned(),
+            why,
+        });
+    }
     Ok(Output {
         status,
         stdout,

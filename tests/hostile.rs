@@ -133,8 +133,10 @@ fn fifos_and_links_to_devices_never_hang_list_or_prune() {
         GUARD,
     );
     prune.assert_code(0);
+    // The entry with a FIFO for its record is not served.
     let r = run_guarded(cache.fetch(&srv.url).arg("img"), GUARD);
-    r.assert_code(0);
+    r.assert_code(15);
+    assert!(r.stderr.contains(".info is a FIFO"), "{}", r.stderr);
 }
 
 #[test]
@@ -716,4 +718,34 @@ fn configuration_files_are_read_bounded_and_explain_their_errors() {
             .env("IMGCACHE_CONFIG", "")
             .args(["list", "--instances-path", &instances]));
     r.assert_code(0);
+}
+
+#[test]
+fn a_symlinked_base_or_lock_directory_is_not_followed() {
+    let (srv, _) = server("img", 22);
+    for dir in ["_base", "locks"] {
+        let cache = Cache::new();
+        let elsewhere = tempfile::tempdir().unwrap();
+        symlink(elsewhere.path(), cache.instances().join(dir)).unwrap();
+        let r = run(cache.fetch(&srv.url).arg("img"));
+        r.assert_code(15);
+        assert!(r.stderr.contains("is a symlink"), "{dir}: {}", r.stderr);
+        let written: Vec<_> = std::fs::read_dir(elsewhere.path()).unwrap().collect();
+        assert!(
+            written.is_empty(),
+            "{dir}: files were written through the link"
+        );
+    }
+    // The instances path itself may be a link (the operator's choice, e.g. kolla's layout).
+    let real = tempfile::tempdir().unwrap();
+    let holder = tempfile::tempdir().unwrap();
+    let link = holder.path().join("instances");
+    symlink(real.path(), &link).unwrap();
+    let r = run(imgcache()
+        .arg("fetch")
+        .arg("--instances-path")
+        .arg(&link)
+        .args(["--glance-url", &srv.url, "img"]));
+    r.assert_code(0);
+    assert!(real.path().join("_base").join(entry_name("img")).exists());
 }

@@ -121,35 +121,9 @@ impl Download<'_> {
                 String::new()
             }
         ));
-        let mut body = match self.glance.open_data(id, *pos) {
+        let mut body = match self.open_body(file, hasher, pos)? {
+            Ok(body) => body,
             Err(e) => return Ok(Some(e)),
-            Ok(Data::Partial { body }) => {
-                self.rep.trace(&format!("image {id}: 206 from byte {pos}"));
-                body
-            }
-            Ok(Data::Full { body, len }) => {
-                self.rep.trace(&format!(
-                    "image {id}: 200, {} bytes",
-                    len.map_or("?".into(), |l| l.to_string())
-                ));
-                if *pos > 0 {
-                    self.rep.info(&format!(
-                        "image {id}: the server did not resume at byte {pos} (it ignored the range, sent another one, or refused it); starting over"
-                    ));
-                    truncate(file, self.part)?;
-                    hasher.send(ToHasher::Reset)?;
-                    *pos = 0;
-                }
-                if self.image.size.is_none() {
-                    self.bar.set_length(len);
-                }
-                if let (Some(size), Some(len)) = (self.image.size, len)
-                    && len > size
-                {
-                    return Err(self.too_long(size));
-                }
-                body
-            }
         };
         // Never read more than the record promises (one byte more tells a longer body), or than
         // --max-image-size when it promises nothing: an endless body must not fill the disk.
@@ -197,6 +171,48 @@ impl Download<'_> {
 }
 
 impl Download<'_> {
+    /// Sends the data request from `pos` and reads its answer's headers. A full answer to a
+    /// resume starts the `.part` and the hashes over (`pos` becomes 0). The inner `Err` is a
+    /// Glance failure (retried by the caller); the outer one a local failure.
+    fn open_body(
+        &self,
+        file: &mut File,
+        hasher: &HashThread,
+        pos: &mut u64,
+    ) -> Result<Result<reqwest::blocking::Response, glance::Error>> {
+        let id = self.image.id.as_str();
+        Ok(Ok(match self.glance.open_data(id, *pos) {
+            Err(e) => return Ok(Err(e)),
+            Ok(Data::Partial { body }) => {
+                self.rep.trace(&format!("image {id}: 206 from byte {pos}"));
+                body
+            }
+            Ok(Data::Full { body, len }) => {
+                self.rep.trace(&format!(
+                    "image {id}: 200, {} bytes",
+                    len.map_or("?".into(), |l| l.to_string())
+                ));
+                if *pos > 0 {
+                    self.rep.info(&format!(
+                        "image {id}: the server did not resume at byte {pos} (it ignored the range, sent another one, or refused it); starting over"
+                    ));
+                    truncate(file, self.part)?;
+                    hasher.send(ToHasher::Reset)?;
+                    *pos = 0;
+                }
+                if self.image.size.is_none() {
+                    self.bar.set_length(len);
+                }
+                if let (Some(size), Some(len)) = (self.image.size, len)
+                    && len > size
+                {
+                    return Err(self.too_long(size));
+                }
+                body
+            }
+        }))
+    }
+
     fn too_long(&self, expected: u64) -> anyhow::Error {
         Error::TooLong {
             id: self.image.id.clone(),

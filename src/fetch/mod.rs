@@ -222,6 +222,8 @@ fn cached(id: &str, entry: &Entry<'_>, rep: &dyn Reporter) -> Result<Option<Fetc
     if !meta.is_file() {
         fsutil::check_not_foreign(&path).with_context(|| format!("image {id}"))?;
     }
+    // A record that is not a regular file is refused too, not read as "no record".
+    fsutil::check_not_foreign(&entry.record_path()).with_context(|| format!("image {id}"))?;
     let record = entry.read_record();
     match &record {
         None => rep.warn(&format!(

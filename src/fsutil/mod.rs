@@ -1,9 +1,14 @@
 //! The one door to the filesystem under the instances path: every file there is opened, created,
-//! renamed and removed through these functions. Opens never follow a symlink at the last
-//! component (`O_NOFOLLOW`) and never block on a FIFO (`O_NONBLOCK`, then `fstat`: regular files
-//! only); temp files get unpredictable names and are created with `O_CREAT|O_EXCL`; reads of our
-//! own documents are bounded; making a file durable is one protocol (fsync the file, rename,
-//! fsync the directory).
+//! renamed and removed through these functions, relative to its directory's descriptor
+//! ([`at`]: the directory itself opened with `O_NOFOLLOW`). Opens never follow a symlink
+//! (`O_NOFOLLOW`) and never block on a FIFO (`O_NONBLOCK`, then `fstat`: regular files only);
+//! temp files get unpredictable names and are created with `O_CREAT|O_EXCL`; reads of our own
+//! documents are bounded; making a file durable is one protocol (fsync the file, rename, check
+//! the inode that landed, fsync the directory).
+
+mod at;
+
+pub use at::trust_root;
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};
@@ -22,31 +27,26 @@ const SAFE: i32 = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
 /// Opens an existing regular file for reading. A symlink, FIFO, device or directory is refused
 /// with an [`Untrusted`] error (exit code 15) naming the path and what it is.
 pub fn open_regular(path: &Path) -> io::Result<File> {
-    open_checked(OpenOptions::new().read(true), path)
+    open_checked(path, libc::O_RDONLY, 0)
 }
 
 /// Opens an existing regular file for reading and writing (no create, no truncate).
 pub fn open_regular_rw(path: &Path) -> io::Result<File> {
-    open_checked(OpenOptions::new().read(true).write(true), path)
+    open_checked(path, libc::O_RDWR, 0)
 }
 
 /// Opens a regular file for reading and writing, creating it (mode 0644) if absent; an existing
 /// file is neither truncated nor followed if it is a symlink.
 pub fn open_or_create(path: &Path) -> io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644);
-    open_checked(&mut opts, path)
+    open_checked(path, libc::O_RDWR | libc::O_CREAT, 0o644)
 }
 
-/// Opens with [`SAFE`] flags and refuses anything but a regular file.
-fn open_checked(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
-    let file = opts
-        .custom_flags(SAFE)
-        .open(path)
+/// Opens relative to the directory's descriptor with [`SAFE`] flags and refuses anything but a
+/// regular file.
+fn open_checked(path: &Path, flags: i32, mode: u32) -> io::Result<File> {
+    let (dir, name) = at::at(path)?;
+    let file = dir
+        .open_file(&name, flags | SAFE, mode)
         .map_err(|e| explain_nofollow(e, path))?;
     check_regular(&file, path)?;
     Ok(file)
@@ -54,13 +54,12 @@ fn open_checked(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
 
 /// Creates a new regular file (mode 0644); fails with `AlreadyExists` if anything is at the path.
 pub fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(SAFE)
-        .open(path)
+    let (dir, name) = at::at(path)?;
+    dir.open_file(
+        &name,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | SAFE,
+        0o644,
+    )
 }
 
 fn check_regular(file: &File, path: &Path) -> io::Result<()> {
@@ -107,10 +106,11 @@ pub fn describe_type(meta: &Metadata) -> &'static str {
     }
 }
 
-/// What is at `path`, without following a symlink there. `None` if nothing is.
+/// What is at `path`, without following a symlink there (nor at its directory). `None` if
+/// nothing is.
 pub fn stat(path: &Path) -> io::Result<Option<Metadata>> {
-    match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(m)),
+    match at::at(path) {
+        Ok((dir, name)) => dir.stat(&name),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -118,12 +118,12 @@ pub fn stat(path: &Path) -> io::Result<Option<Metadata>> {
 
 /// True if a regular file (not a symlink to one) is at `path`.
 pub fn is_regular(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
+    stat(path).is_ok_and(|m| m.is_some_and(|m| m.is_file()))
 }
 
 /// True if anything (a dangling symlink included) is at `path`.
 pub fn exists(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok()
+    stat(path).is_ok_and(|m| m.is_some())
 }
 
 /// Reads a whole regular file of at most `limit` bytes; a larger one is `InvalidData`.
@@ -174,7 +174,7 @@ pub fn touch(path: &Path) -> io::Result<()> {
 
 /// Removes a file (never a directory); `Ok(false)` if nothing was there.
 pub fn remove_file(path: &Path) -> io::Result<bool> {
-    match fs::remove_file(path) {
+    match at::at(path).and_then(|(dir, name)| dir.unlink(&name)) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
@@ -204,14 +204,16 @@ pub fn remove_empty_dir(path: &Path) -> io::Result<()> {
     fs::remove_dir(path)
 }
 
-/// Creates a directory and its parents.
+/// Creates a directory and its parents; the directory must then be a real one (a symlink at
+/// its name, unless it is a trusted root, is refused).
 pub fn create_dirs(path: &Path) -> io::Result<()> {
-    fs::create_dir_all(path)
+    fs::create_dir_all(path)?;
+    at::Dir::open(path).map(drop)
 }
 
-/// Creates one directory; `Ok(false)` if one already exists there.
+/// Creates one directory; `Ok(false)` if something already exists there.
 pub fn create_dir(path: &Path) -> io::Result<bool> {
-    match fs::create_dir(path) {
+    match at::at(path).and_then(|(dir, name)| dir.mkdir(&name)) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
@@ -221,16 +223,22 @@ pub fn create_dir(path: &Path) -> io::Result<bool> {
 /// Lists a directory: `(file name, metadata without following links)` of what is still there
 /// when it is looked at. A missing directory is empty.
 pub fn list(dir: &Path) -> io::Result<Vec<(String, PathBuf, Metadata)>> {
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
+    let opened = match at::Dir::open(dir) {
+        Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    // Listed through the descriptor: the directory we opened, whatever is at its name now.
     let mut out = Vec::new();
-    for item in rd.flatten() {
-        let path = item.path();
-        if let Ok(meta) = fs::symlink_metadata(&path) {
-            out.push((item.file_name().to_string_lossy().into_owned(), path, meta));
+    for item in fs::read_dir(opened.fd_path())?.flatten() {
+        let name = item.file_name();
+        let Ok(c) =
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()))
+        else {
+            continue;
+        };
+        if let Ok(Some(meta)) = opened.stat(&c) {
+            out.push((name.to_string_lossy().into_owned(), dir.join(&name), meta));
         }
     }
     Ok(out)
@@ -253,11 +261,13 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub fn persist(file: &File, tmp: &Path, dest: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     file.sync_all()?;
-    fs::rename(tmp, dest)?;
+    let (from_dir, from) = at::at(tmp)?;
+    let (to_dir, to) = at::at(dest)?;
+    from_dir.rename(&from, &to_dir, &to)?;
     let ours = file.metadata()?;
     let placed = stat(dest)?;
     if !placed.is_some_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino()) {
-        let _ = fs::remove_file(dest);
+        let _ = to_dir.unlink(&to);
         return Err(Untrusted::io(format!(
             "{} was replaced by another file while it was being built; nothing was kept — check who else writes to {}",
             tmp.display(),
@@ -383,13 +393,17 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 /// True if files in `dir` can be opened with O_DIRECT (so `qemu-img convert -t none` works).
 pub fn direct_io_works(dir: &Path) -> bool {
     let probe = dir.join(format!(".imgcache-odirect-{}", random_hex()));
-    let ok = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT | SAFE)
-        .open(&probe)
+    let Ok((d, name)) = at::at(&probe) else {
+        return false;
+    };
+    let ok = d
+        .open_file(
+            &name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_DIRECT | SAFE,
+            0o600,
+        )
         .is_ok();
-    let _ = fs::remove_file(&probe);
+    let _ = d.unlink(&name);
     ok
 }
 
@@ -442,6 +456,22 @@ mod tests {
         t.persist(&dir.path().join("disk")).unwrap();
         assert_eq!(fs::read(dir.path().join("disk")).unwrap(), b"y");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("_base")).unwrap();
+        let e = create_new(&dir.path().join("_base/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        assert!(create_dirs(&dir.path().join("_base")).is_err());
+        // A trusted root may be a link (the operator's instances path).
+        trust_root(&dir.path().join("_base"));
+        create_new(&dir.path().join("_base/x")).unwrap();
     }
 
     #[test]
