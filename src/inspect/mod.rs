@@ -216,7 +216,10 @@ pub fn signatures(src: &Source<'_>) -> Result<Vec<Format>, Error> {
     if head.starts_with(b"QED\0") {
         found.push(Format::Qed);
     }
-    if head.starts_with(vmdk::SPARSE_MAGIC) || head.starts_with(vmdk::TEXT_MAGIC) {
+    if head.starts_with(vmdk::SPARSE_MAGIC)
+        || head.starts_with(vmdk::TEXT_MAGIC)
+        || vmdk::looks_like_text_descriptor(&src.read(0, 4096)?)
+    {
         found.push(Format::Vmdk);
     }
     if head.starts_with(luks::MAGIC) {

@@ -43,6 +43,22 @@ pub enum Error {
     Parent { line: usize, key: String },
     #[error("footer at offset {offset} does not match the header")]
     Footer { offset: u64 },
+    #[error("sparse header version {0} is not 1, 2 or 3")]
+    Version(u32),
+    #[error(
+        "descriptor at sector {0}, not 1: qemu reads the parent hint at sector 1 whatever the header says; refused"
+    )]
+    DescriptorOffset(u64),
+    #[error("descriptor key {key:?} appears twice (lines {first} and {line}); ambiguous, refused")]
+    DuplicateKey {
+        key: String,
+        first: usize,
+        line: usize,
+    },
+    #[error(
+        "descriptor line {line} mentions {key} inside a comment; qemu reads it there too, refused"
+    )]
+    KeyInComment { line: usize, key: &'static str },
 }
 
 /// What the checks found.
@@ -67,6 +83,12 @@ pub fn check(src: &Source<'_>) -> Result<Vmdk, super::Error> {
             have: head.len() as u64,
         })
     };
+    let version = le32(&head, 4).ok_or(Error::Truncated {
+        have: head.len() as u64,
+    })?;
+    if !(1..=3).contains(&version) {
+        return Err(Error::Version(version).into());
+    }
     let capacity = field(12)?;
     let desc_offset = field(28)?;
     let desc_size = field(36)?;
@@ -74,6 +96,9 @@ pub fn check(src: &Source<'_>) -> Result<Vmdk, super::Error> {
     le32(&head, 44).ok_or(Error::Truncated {
         have: head.len() as u64,
     })?;
+    if desc_offset != 1 {
+        return Err(Error::DescriptorOffset(desc_offset).into());
+    }
     let offset = desc_offset.checked_mul(SECTOR);
     let size = desc_size.checked_mul(SECTOR);
     let (offset, size) = match (offset, size) {
@@ -95,7 +120,12 @@ pub fn check(src: &Source<'_>) -> Result<Vmdk, super::Error> {
             .checked_sub(1024)
             .ok_or(Error::Footer { offset: 0 })?;
         let footer = src.read(footer_at, 64)?;
-        if !footer.starts_with(SPARSE_MAGIC) || le64(&footer, 12) != Some(capacity) {
+        // Every field but gdOffset must be the header's (oslo's check): version, flags,
+        // capacity, grain size, descriptor offset and size, entries per grain table.
+        let same = |range: std::ops::Range<usize>| {
+            footer.get(range.clone()).is_some() && footer.get(range.clone()) == head.get(range)
+        };
+        if !footer.starts_with(SPARSE_MAGIC) || !same(4..28) || !same(28..48) {
             return Err(Error::Footer { offset: footer_at }.into());
         }
     }
@@ -118,10 +148,21 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
     })?;
     let mut create_type = None;
     let mut extents = 0;
+    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let l = raw.trim();
-        if l.is_empty() || l.starts_with('#') {
+        if l.starts_with('#') {
+            // qemu finds `parentFileNameHint` and `createType` with strstr over the whole text,
+            // comments included: a comment naming them is not harmless.
+            for key in ["parentFileNameHint", "createType"] {
+                if l.contains(key) {
+                    return Err(Error::KeyInComment { line, key });
+                }
+            }
+            continue;
+        }
+        if l.is_empty() {
             continue;
         }
         if let Some(rest) = ["RW ", "RDONLY ", "NOACCESS "]
@@ -155,6 +196,14 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
                 text: raw.to_owned(),
             });
         }
+        if let Some(&first) = seen.get(key) {
+            return Err(Error::DuplicateKey {
+                key: key.to_owned(),
+                first,
+                line,
+            });
+        }
+        seen.insert(key.to_owned(), line);
         match key {
             "createType" => create_type = Some(value.to_owned()),
             "parentFileNameHint" => {
@@ -182,6 +231,19 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
     Ok(create_type)
 }
 
+/// True if `head` reads as a text descriptor the way qemu's probe reads one: after comment
+/// and blank lines, a `version=` line (qemu does not need the `# Disk DescriptorFile` line).
+pub fn looks_like_text_descriptor(head: &[u8]) -> bool {
+    let end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
+    let Ok(text) = std::str::from_utf8(&head[..end]) else {
+        return false;
+    };
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .is_some_and(|l| l.starts_with("version="))
+}
+
 /// From `<sectors> <type> "<path>" [offset]`, the quoted path.
 fn extent_path(rest: &str) -> Option<&str> {
     let mut parts = rest.trim().splitn(3, ' ');
@@ -196,6 +258,39 @@ fn extent_path(rest: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_qemu_reads_in_comments_and_duplicates_is_refused() {
+        let hint = GOOD.replace(
+            "version=1",
+            "version=1\n# parentFileNameHint=\"/etc/shadow\"",
+        );
+        assert!(matches!(
+            check_descriptor(hint.as_bytes()),
+            Err(Error::KeyInComment {
+                key: "parentFileNameHint",
+                ..
+            })
+        ));
+        let comment = GOOD.replace("version=1", "#createType=\"monolithicFlat\"\nversion=1");
+        assert!(matches!(
+            check_descriptor(comment.as_bytes()),
+            Err(Error::KeyInComment {
+                key: "createType",
+                ..
+            })
+        ));
+        let twice = GOOD.replace(
+            "createType=\"monolithicSparse\"",
+            "createType=\"monolithicFlat\"\ncreateType=\"monolithicSparse\"",
+        );
+        assert!(matches!(
+            check_descriptor(twice.as_bytes()),
+            Err(Error::DuplicateKey { .. })
+        ));
+        assert!(looks_like_text_descriptor(b"# x\n\nversion=1\nCID=1\n"));
+        assert!(!looks_like_text_descriptor(b"hello\nversion=1\n"));
+    }
 
     const GOOD: &str = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n# Extent description\nRW 2048 SPARSE \"disk.vmdk\"\n\nddb.virtualHWVersion = \"4\"\n";
 

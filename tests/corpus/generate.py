@@ -131,6 +131,47 @@ def main():
         f.seek(at)
         f.write(line.ljust(end - at, b" "))
     add("embedded-flat.vmdk", "vmdk", "refused", "sparse VMDK whose embedded descriptor names /etc/passwd")
+    # What qemu's VMDK driver reads where the descriptor's grammar says nothing: each must be
+    # refused by the native inspector alone.
+    def sparse_with_line(name, find, line):
+        """A monolithicSparse VMDK whose embedded descriptor line starting with `find` is
+        replaced by `line` (padded with spaces to the same length)."""
+        qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", "raw.img", name)
+        with open(name, "r+b") as f:
+            blob = f.read(64 * 1024)
+            at = blob.index(find)
+            end = blob.index(b"\n", at)
+            assert len(line) <= end - at, (name, line)
+            f.seek(at)
+            f.write(line.ljust(end - at, b" "))
+    sparse_with_line("hint-in-comment.vmdk", b"ddb.toolsVersion",
+                     b'#parentFileNameHint="/x"')
+    add("hint-in-comment.vmdk", "vmdk", "refused", "VMDK parentFileNameHint inside a comment (qemu reads it)")
+    sparse_with_line("createtype-in-comment.vmdk", b"# Disk DescriptorFile", b'#createType="vmfs"')
+    add("createtype-in-comment.vmdk", "vmdk", "refused", "VMDK createType inside a comment, before the real one")
+    sparse_with_line("two-createtypes.vmdk", b"ddb.toolsVersion", b'createType="monolithicFlat"')
+    add("two-createtypes.vmdk", "vmdk", "refused", "VMDK with two createType lines")
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", "raw.img", "desc-offset.vmdk")
+    patch("desc-offset.vmdk", 28, "<Q", 2)
+    add("desc-offset.vmdk", "vmdk", "refused", "VMDK descriptor offset away from sector 1 (qemu reads the hint at sector 1)")
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", "raw.img", "kdmv-v9.vmdk")
+    patch("kdmv-v9.vmdk", 4, "<I", 9)
+    add("kdmv-v9.vmdk", "vmdk", "refused", "VMDK sparse header version 9")
+    with open("headless.vmdk", "w") as f:
+        f.write('version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+                'RW 2048 FLAT "/etc/passwd" 0\n')
+    add("headless.vmdk", "vmdk", "refused", "VMDK text descriptor without its '# Disk DescriptorFile' line")
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", "raw.img", "footer-grain.vmdk")
+    # Grain directory "at the end": the header defers to a footer (footer marker, footer, end
+    # of stream), whose grain size is not the header's.
+    with open("footer-grain.vmdk", "r+b") as f:
+        footer = bytearray(f.read(512))
+        footer[20:28] = struct.pack("<Q", 256)
+        f.seek(56)
+        f.write(struct.pack("<Q", 0xFFFFFFFFFFFFFFFF))
+        f.seek(0, 2)
+        f.write(b"\0" * 512 + bytes(footer) + b"\0" * 512)
+    add("footer-grain.vmdk", "vmdk", "refused", "streamOptimized VMDK whose footer grain size disagrees with the header")
     qemu_img("create", "-q", "-f", "qed", "disk.qed", "4M")
     add("disk.qed", "raw", "refused", "qed (banned format)")
     qemu_img("create", "-q", "--object", "secret,id=s0,data=corpus", "-f", "luks", "-o", "key-secret=s0",
