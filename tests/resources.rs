@@ -163,7 +163,12 @@ fn conversion_that_runs_out_anyway_cleans_up() {
     let srv = FaultServer::start(image);
     let r = fetch(fs.path(), &srv.url, "expands");
     r.assert_code(9);
-    assert!(r.stderr.contains("No space left"), "{}", r.stderr);
+    // The --min-free watch (default 5 %) stops it, or the filesystem filled first.
+    assert!(
+        r.stderr.contains("--min-free") || r.stderr.contains("No space left"),
+        "{}",
+        r.stderr
+    );
     assert!(
         base_files(fs.path()).is_empty(),
         "{:?}",
