@@ -38,6 +38,7 @@ pub const KEYS: &[&str] = &[
     "jobs",
     "force_raw",
     "allow_direct_file",
+    "revalidate",
     "max_virtual_size",
     "max_image_size",
     "min_free",
@@ -146,10 +147,12 @@ fn as_flag(key: &str, value: &toml::Value, path: &Path) -> Result<Option<String>
     };
     Ok(match (key, value) {
         ("force_raw", toml::Value::Boolean(b)) => (!b).then(|| "--no-force-raw".to_owned()),
-        ("insecure" | "allow_direct_file", toml::Value::Boolean(b)) => {
+        ("insecure" | "allow_direct_file" | "revalidate", toml::Value::Boolean(b)) => {
             b.then(|| format!("--{flag}"))
         }
-        ("force_raw" | "insecure" | "allow_direct_file", _) => return Err(bad("true or false")),
+        ("force_raw" | "insecure" | "allow_direct_file" | "revalidate", _) => {
+            return Err(bad("true or false"));
+        }
         (_, toml::Value::String(s)) => Some(format!("--{flag}={s}")),
         (_, toml::Value::Integer(i)) => Some(format!("--{flag}={i}")),
         _ => return Err(bad("a string or an integer")),

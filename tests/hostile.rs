@@ -749,3 +749,38 @@ fn a_symlinked_base_or_lock_directory_is_not_followed() {
     r.assert_code(0);
     assert!(real.path().join("_base").join(entry_name("img")).exists());
 }
+
+#[test]
+fn an_image_id_reused_in_glance_is_caught_by_revalidate_and_replaced_only_when_unused() {
+    let cache = Cache::new();
+    let (before, _) = server("img", 23);
+    run(cache.fetch(&before.url).arg("img")).assert_code(0);
+    // The id purged and reused: same id, other bytes, other hash.
+    let (after, new_data) = server("img", 24);
+    // By default the cache is served as it is (Glance is not asked).
+    run(cache.fetch(&after.url).arg("img")).assert_code(0);
+    assert!(after.requests().is_empty());
+    let r = run(cache.fetch(&after.url).args(["--revalidate", "img"]));
+    r.assert_code(6);
+    assert!(
+        r.stderr.contains("no longer the cached one"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--replace"), "{}", r.stderr);
+    // In use: --replace refuses.
+    run(&mut cache.create(&before.url, "vm1", "img")).assert_code(0);
+    let r = run(cache.fetch(&after.url).args(["--replace", "img"]));
+    r.assert_code(6);
+    assert!(r.stderr.contains("in use by vm1"), "{}", r.stderr);
+    // Unused: replaced under its lock.
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    run(imgcache().args(["delete", "vm1", "--instances-path", &instances])).assert_code(0);
+    let r = run(cache.fetch(&after.url).args(["--replace", "img"]));
+    r.assert_code(0);
+    assert_eq!(
+        std::fs::read(cache.base().join(entry_name("img"))).unwrap(),
+        new_data
+    );
+    run(cache.fetch(&after.url).args(["--revalidate", "img"])).assert_code(0);
+}

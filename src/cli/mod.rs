@@ -290,6 +290,15 @@ pub struct FetchOpts {
     #[arg(long, env = "IMGCACHE_ALLOW_DIRECT_FILE")]
     pub allow_direct_file: bool,
 
+    /// Ask Glance for a cached image's record and refuse to serve the entry if the image's hash
+    /// changed (an id purged and reused). Off by default: the cache serves while Glance is down.
+    #[arg(long, env = "IMGCACHE_REVALIDATE")]
+    pub revalidate: bool,
+
+    /// Like --revalidate, and replace an entry whose image changed, when no instance uses it.
+    #[arg(long)]
+    pub replace: bool,
+
     /// Refuse images whose header claims a larger virtual size (e.g. 4T).
     #[arg(long, default_value = "2T", value_name = "SIZE")]
     pub max_virtual_size: String,

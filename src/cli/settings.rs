@@ -163,6 +163,8 @@ fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageErr
         retries: glance.retries,
         retry_backoff: glance.retry_backoff,
         force_raw: !f.no_force_raw,
+        revalidate: f.revalidate || f.replace,
+        replace: f.replace,
         allow_direct_file: f.allow_direct_file,
         limits: Limits {
             max_virtual_size: parse_size("--max-virtual-size", &f.max_virtual_size)?,

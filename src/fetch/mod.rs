@@ -54,6 +54,19 @@ pub enum Error {
     )]
     NoSizeTooLarge { id: String, limit: u64 },
     #[error(
+        "image {id} is no longer the cached one: the entry has {algo} {cached}, Glance now says {now} (an id purged and reused?); when no instance uses it, replace it with `imgcache fetch --replace {id}`"
+    )]
+    Changed {
+        id: String,
+        algo: String,
+        cached: String,
+        now: String,
+    },
+    #[error(
+        "image {id} changed in Glance but its entry is in use by {users}; it is not replaced — move those instances to another image first"
+    )]
+    ChangedInUse { id: String, users: String },
+    #[error(
         "image {id} has no checksum or os_hash in Glance, so it cannot be verified; refusing to cache it"
     )]
     NoHash { id: String },
@@ -85,6 +98,8 @@ impl Error {
             Error::Size { .. }
             | Error::TooLong { .. }
             | Error::NoSizeTooLarge { .. }
+            | Error::Changed { .. }
+            | Error::ChangedInUse { .. }
             | Error::Hash { .. }
             | Error::ConvertedSize { .. } => Kind::Integrity,
             Error::NoHash { .. } | Error::UnsupportedHash { .. } => Kind::Integrity,
@@ -113,6 +128,10 @@ pub struct Options {
     pub min_rate: download::MinRate,
     /// Free space a conversion must leave on the cache's filesystem (`--min-free`).
     pub min_free: crate::units::Reserve,
+    /// Check a cached entry's hash against Glance's record before serving it.
+    pub revalidate: bool,
+    /// Replace a cached entry whose image changed in Glance, if no instance uses it.
+    pub replace: bool,
 }
 
 /// A cache entry ready to use.
@@ -146,7 +165,9 @@ pub fn ensure(
             "image {id}: already cached as {}",
             entry.path().display()
         ));
-        return Ok(found);
+        if !opts.revalidate || still_the_image(cache, glance, &entry, &found, opts, rep)? {
+            return Ok(found);
+        }
     }
     // Lock first, then ask Glance: in a herd only the holder talks to Glance, and the waiters
     // find the entry when they get the lock (16 concurrent fetches: 1.09x one fetch instead of
@@ -239,6 +260,66 @@ fn cached(id: &str, entry: &Entry<'_>, rep: &dyn Reporter) -> Result<Option<Fetc
         downloaded: false,
         record,
     }))
+}
+
+/// `--revalidate`: true if Glance's hash of the image is still the one the entry was made
+/// from. If it changed: an error, or with `--replace` the entry is removed under its lock when
+/// no instance uses it (false: fetch it anew).
+fn still_the_image(
+    cache: &Cache,
+    glance: &Client,
+    entry: &Entry<'_>,
+    found: &Fetched,
+    opts: &Options,
+    rep: &dyn Reporter,
+) -> Result<bool> {
+    let id = found.id.as_str();
+    let Some(record) = &found.record else {
+        rep.warn(&format!(
+            "image {id}: the entry has no record to revalidate against; using it as it is"
+        ));
+        return Ok(true);
+    };
+    let image = retry::with_retries(opts, rep, &format!("image {id}"), || glance.show(id))?;
+    let now = verify::hash_value(&image)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if now == record.hash_value {
+        return Ok(true);
+    }
+    if !opts.replace {
+        return Err(Error::Changed {
+            id: id.to_owned(),
+            algo: record.hash_algo.clone(),
+            cached: record.hash_value.clone(),
+            now,
+        }
+        .into());
+    }
+    let usage = crate::scan::scan_usage(cache, &[])?;
+    if usage.in_use(entry.name()) {
+        let users = usage
+            .users
+            .get(entry.name())
+            .map(|u| u.iter().cloned().collect::<Vec<_>>().join(", "))
+            .unwrap_or_else(|| "an image resized from it".into());
+        return Err(Error::ChangedInUse {
+            id: id.to_owned(),
+            users,
+        }
+        .into());
+    }
+    rep.info(&format!(
+        "image {id} changed in Glance ({} {} → {now}); replacing its entry",
+        record.hash_algo, record.hash_value
+    ));
+    let size = record.entry_size;
+    entry.remove_under_lock(
+        &format!("image {id}"),
+        crate::cache::Wait::Up(opts.lock_timeout, rep),
+        |m| m.len() == size,
+    )?;
+    Ok(false)
 }
 
 fn remove(path: &std::path::Path) -> Result<()> {

@@ -165,14 +165,15 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
         if l.is_empty() {
             continue;
         }
+        let grammar = || Error::Grammar {
+            line,
+            text: raw.to_owned(),
+        };
         if let Some(rest) = ["RW ", "RDONLY ", "NOACCESS "]
             .iter()
             .find_map(|p| l.strip_prefix(p))
         {
-            let path = extent_path(rest).ok_or_else(|| Error::Grammar {
-                line,
-                text: raw.to_owned(),
-            })?;
+            let path = extent_path(rest).ok_or_else(grammar)?;
             if path.contains('/') || path.contains('\\') {
                 return Err(Error::ExtentPath {
                     line,
@@ -182,19 +183,10 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
             extents += 1;
             continue;
         }
-        let Some((key, value)) = l.split_once('=') else {
-            return Err(Error::Grammar {
-                line,
-                text: raw.to_owned(),
-            });
-        };
-        let key = key.trim();
-        let value = value.trim().trim_matches('"');
+        let (key, value) = l.split_once('=').ok_or_else(grammar)?;
+        let (key, value) = (key.trim(), value.trim().trim_matches('"'));
         if key.is_empty() || key.contains(char::is_whitespace) {
-            return Err(Error::Grammar {
-                line,
-                text: raw.to_owned(),
-            });
+            return Err(grammar());
         }
         if let Some(&first) = seen.get(key) {
             return Err(Error::DuplicateKey {
@@ -204,21 +196,9 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
             });
         }
         seen.insert(key.to_owned(), line);
-        match key {
-            "createType" => create_type = Some(value.to_owned()),
-            "parentFileNameHint" => {
-                return Err(Error::Parent {
-                    line,
-                    key: key.into(),
-                });
-            }
-            "parentCID" if !value.eq_ignore_ascii_case("ffffffff") => {
-                return Err(Error::Parent {
-                    line,
-                    key: key.into(),
-                });
-            }
-            _ => {}
+        check_key(key, value, line)?;
+        if key == "createType" {
+            create_type = Some(value.to_owned());
         }
     }
     let create_type = create_type.ok_or(Error::NoCreateType)?;
@@ -229,6 +209,22 @@ pub fn check_descriptor(bytes: &[u8]) -> Result<String, Error> {
         return Err(Error::NoExtent);
     }
     Ok(create_type)
+}
+
+/// A descriptor key that makes a delta disk (a parent to open) is refused.
+fn check_key(key: &str, value: &str, line: usize) -> Result<(), Error> {
+    let parent = match key {
+        "parentFileNameHint" => true,
+        "parentCID" => !value.eq_ignore_ascii_case("ffffffff"),
+        _ => false,
+    };
+    if parent {
+        return Err(Error::Parent {
+            line,
+            key: key.into(),
+        });
+    }
+    Ok(())
 }
 
 /// True if `head` reads as a text descriptor the way qemu's probe reads one: after comment
