@@ -292,9 +292,10 @@ pub struct Record {
     pub virtual_size: u64,
     /// Size of the entry file (apparent), to detect an entry that no longer matches its record.
     pub entry_size: u64,
-    /// XXH3-128 of the entry's content, for `verify`: the entry is derived locally from
-    /// verified data, so this guards against later corruption (bit rot, truncation, edits),
-    /// cheaply enough to compute for converted entries too.
+    /// The entry's content digest (`crate::digest`: XXH3-128 with zero runs counted, written
+    /// `zb64k:<hex>`; a plain hex XXH3-128 in records written before), for `verify`: the entry
+    /// is derived locally from verified data, so this guards against later corruption (bit
+    /// rot, truncation, edits), cheaply enough to compute for converted entries too.
     pub content_xxh3: String,
     pub fetched_at: String,
     pub fetched_at_unix: u64,
@@ -303,72 +304,9 @@ pub struct Record {
     pub properties: serde_json::Map<String, serde_json::Value>,
 }
 
-/// The hex form of a finished content digest.
-pub fn content_hex(h: &xxhash_rust::xxh3::Xxh3) -> String {
-    format!("{:032x}", h.digest128())
-}
-
-/// XXH3-128 of a file's content, reading only its data extents: holes (SEEK_HOLE) are fed as
-/// zeros from memory, so a sparse 2 GiB entry with 100 MiB of data reads 100 MiB.
-pub fn content_digest(path: &Path) -> std::io::Result<String> {
-    content_digest_of(&fsutil::open_regular(path)?)
-}
-
-/// [`content_digest`] of a file we hold open (read through its own offsets, from the start).
-pub fn content_digest_of(file: &std::fs::File) -> std::io::Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::fd::AsRawFd;
-
-    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    let mut file = file;
-    let len = file.metadata()?.len();
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    let fd = file.as_raw_fd();
-    // lseek(SEEK_DATA / SEEK_HOLE): Ok(offset), or Err(errno).
-    let seek = |whence: i32, from: u64| -> Result<u64, i32> {
-        let off = i64::try_from(from).map_err(|_| libc::EINVAL)?;
-        // SAFETY: lseek on a descriptor that `file` keeps open; no memory is passed.
-        let r = unsafe { libc::lseek(fd, off, whence) };
-        u64::try_from(r).map_err(|_| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    };
-    while pos < len {
-        let (data, hole) = match seek(libc::SEEK_DATA, pos) {
-            Ok(d) => (d.min(len), seek(libc::SEEK_HOLE, d).unwrap_or(len).min(len)),
-            // ENXIO: only a hole from here to the end.
-            Err(libc::ENXIO) => (len, len),
-            // No SEEK_DATA support here: treat the rest as data.
-            Err(_) => (pos, len),
-        };
-        let mut zeros = data - pos;
-        while zeros > 0 {
-            let n = zeros.min(ZEROS.len() as u64) as usize;
-            h.update(&ZEROS[..n]);
-            zeros -= n as u64;
-        }
-        if data >= len {
-            break;
-        }
-        // SEEK_HOLE always finds a hole after data (at worst the virtual one at EOF).
-        let hole = hole.max(data + 1);
-        file.seek(SeekFrom::Start(data))?;
-        let mut left = hole - data;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..n])?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        pos = hole;
-    }
-    Ok(content_hex(&h))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::{self, File};
 
     #[test]
     fn entry_name_is_sha1_of_id() {
@@ -403,26 +341,5 @@ mod tests {
             assert!(err.contains(why), "{bad:?}: {err}");
             assert!(err.starts_with("invalid image id"), "{err}");
         }
-    }
-
-    #[test]
-    fn content_digest_of_sparse_file_equals_digest_of_its_bytes() {
-        use std::io::{Seek, SeekFrom, Write};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparse");
-        let mut f = File::create(&path).unwrap();
-        f.seek(SeekFrom::Start(3 << 20)).unwrap();
-        f.write_all(b"data in the middle").unwrap();
-        f.set_len(8 << 20).unwrap();
-        drop(f);
-        let bytes = fs::read(&path).unwrap();
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&bytes);
-        assert_eq!(content_digest(&path).unwrap(), content_hex(&h));
-        fs::write(&path, b"").unwrap();
-        assert_eq!(
-            content_digest(&path).unwrap(),
-            content_hex(&xxhash_rust::xxh3::Xxh3::new())
-        );
     }
 }

@@ -4,13 +4,14 @@
 //! (docs/ARCHITECTURE.md):
 //! 5 interface (`cli`, `config`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
 //! `instance`, `scan`, `templates`, `disk`, `fetch`), 2 adapters (`inspect`, `qemu_img`, `rbd`,
-//! `glance`, `openstack`), 1 ground (`error`, `units`, `fsutil`, `process`, `lock`,
+//! `glance`, `openstack`), 1 ground (`error`, `units`, `digest`, `fsutil`, `process`, `lock`,
 //! `progress`, `http`).
 
 pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod digest;
 pub mod disk;
 pub mod error;
 pub mod fetch;

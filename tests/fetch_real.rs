@@ -3,7 +3,8 @@
 
 use crate::support::glance::real;
 use crate::support::{
-    Cache, entry_name, make_qcow2, qemu_img, record, run, sha512_hex, test_bytes, xxh3_hex,
+    Cache, content_digest_hex, entry_name, make_qcow2, qemu_img, record, run, sha512_hex,
+    test_bytes,
 };
 
 #[test]
@@ -26,7 +27,7 @@ fn raw_image_is_fetched_verified_and_recorded() {
 
     let record = record(&cache, &id);
     assert_eq!(record["image_id"], id.as_str());
-    assert_eq!(record["content_xxh3"], xxh3_hex(&data));
+    assert_eq!(record["content_xxh3"], content_digest_hex(&data));
     assert_eq!(record["name"], "raw-image");
     assert_eq!(record["hash_algo"], "sha512");
     assert_eq!(record["hash_value"], sha512_hex(&data));
@@ -83,7 +84,7 @@ fn qcow2_image_is_converted_to_the_same_raw_qemu_img_gives() {
     let rec = record(&cache, &id);
     assert_eq!(
         rec["content_xxh3"],
-        xxh3_hex(&raw),
+        content_digest_hex(&raw),
         "digest of the converted entry"
     );
     assert_eq!(

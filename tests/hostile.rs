@@ -784,3 +784,33 @@ fn an_image_id_reused_in_glance_is_caught_by_revalidate_and_replaced_only_when_u
     );
     run(cache.fetch(&after.url).args(["--revalidate", "img"])).assert_code(0);
 }
+
+#[test]
+fn a_tiny_qcow2_declaring_256_gib_is_fetched_and_verified_without_hashing_its_holes() {
+    let work = tempfile::tempdir().unwrap();
+    let qcow = work.path().join("big.qcow2");
+    crate::support::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        qcow.to_str().unwrap(),
+        "256G",
+    ]);
+    let mut image = Image::raw("big", std::fs::read(&qcow).unwrap());
+    image.disk_format = "qcow2".into();
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    run_guarded(cache.fetch(&srv.url).arg("big"), GUARD).assert_code(0);
+    let record = crate::support::record(&cache, "big");
+    assert_eq!(record["entry_size"], 256u64 << 30);
+    let digest = record["content_xxh3"].as_str().unwrap().to_owned();
+    assert!(digest.starts_with("zb64k:"), "{digest}");
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let r = run_guarded(
+        imgcache().args(["verify", "--instances-path", &instances]),
+        GUARD,
+    );
+    r.assert_code(0);
+    assert!(r.stdout.starts_with("ok"), "{}", r.stdout);
+}

@@ -132,7 +132,9 @@ fn check(req: &Request, e: &scan::Entry, rep: &dyn Reporter) -> Result<Item> {
             e.size, record.entry_size
         ))
     } else {
-        match cache::content_digest(&e.path) {
+        let digest = crate::fsutil::open_regular(&e.path)
+            .and_then(|f| crate::digest::of_file_like(&f, &record.content_xxh3));
+        match digest {
             Ok(d) if d == record.content_xxh3 => None,
             Ok(d) => Some(format!(
                 "content digest {d} differs from the recorded {}",

@@ -1,16 +1,14 @@
 //! The hash pipeline of a download: Glance's hash (libcrypto) and the record's content digest
-//! (XXH3-128), computed on their own thread from the buffers the writer has just written, through
+//! (see `crate::digest`), computed on their own thread from the buffers the writer has just written, through
 //! a bounded queue of recycled buffers, so hashing overlaps network and disk I/O and the peak
 //! memory stays a few MiB.
 
 use std::sync::mpsc;
 use std::thread;
 
+use crate::digest::ContentHasher;
 use anyhow::{Context, Result};
 use openssl::hash::{Hasher, MessageDigest};
-use xxhash_rust::xxh3::Xxh3;
-
-use crate::cache;
 
 /// Chunk size of the download pipeline: large enough for few syscalls, small enough that the
 /// few chunks in flight keep the peak RSS low.
@@ -88,7 +86,7 @@ impl HashThread {
             .name("hash".into())
             .spawn(move || {
                 // The content digest costs ~1/20 of sha512; the record keeps it for `verify`.
-                let mut content = Xxh3::new();
+                let mut content = ContentHasher::new();
                 for msg in rx {
                     match msg {
                         ToHasher::Data(buf) => {
@@ -98,13 +96,13 @@ impl HashThread {
                         }
                         ToHasher::Reset => {
                             hasher.reset()?;
-                            content.reset();
+                            content = ContentHasher::new();
                         }
                     }
                 }
                 Ok(Digests {
                     glance: hasher.finish_hex()?,
-                    content: cache::content_hex(&content),
+                    content: content.finish(),
                 })
             })
             .context("cannot start the hashing thread")?;

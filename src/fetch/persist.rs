@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use super::verify::{check_space, hash_value, second_opinion, space_watch};
 use super::{Build, Error};
-use crate::cache::{self, Record};
+use crate::cache::Record;
 use crate::fsutil;
 use crate::inspect::{self, Format};
 use crate::qemu_img;
@@ -156,7 +156,7 @@ impl Build<'_> {
             }
             .into());
         }
-        let content = cache::content_digest_of(&out)
+        let content = crate::digest::of_file(&out)
             .with_context(|| format!("cannot read {}", dst.display()))?;
         Ok(Made {
             file: MadeFile::Converted(out),

@@ -196,9 +196,36 @@ pub fn sha512_hex(data: &[u8]) -> String {
     hex::encode(Sha512::digest(data))
 }
 
-/// Hex XXH3-128, the content digest the cache record keeps.
-pub fn xxh3_hex(data: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(data))
+/// The content digest a record keeps (`zb64k:`: XXH3-128 over 64 KiB blocks, runs of all-zero
+/// blocks hashed as their count, then the tail and the length), computed here independently of
+/// `src/digest.rs`.
+pub fn content_digest_hex(data: &[u8]) -> String {
+    const BLOCK: usize = 64 << 10;
+    fn flush(h: &mut xxhash_rust::xxh3::Xxh3, run: &mut u64) {
+        if *run > 0 {
+            h.update(b"Z");
+            h.update(&run.to_le_bytes());
+            *run = 0;
+        }
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut run = 0u64;
+    let whole = data.len() / BLOCK * BLOCK;
+    for block in data[..whole].chunks(BLOCK) {
+        if block.iter().all(|&b| b == 0) {
+            run += 1;
+            continue;
+        }
+        flush(&mut h, &mut run);
+        h.update(b"D");
+        h.update(block);
+    }
+    flush(&mut h, &mut run);
+    h.update(b"T");
+    h.update(&data[whole..]);
+    h.update(b"E");
+    h.update(&(data.len() as u64).to_le_bytes());
+    format!("zb64k:{:032x}", h.digest128())
 }
 
 /// The JSON record beside an entry.

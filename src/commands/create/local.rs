@@ -10,7 +10,6 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::job::{Backend, Base, Error, Job, Made, Status, touch};
-use crate::cache;
 use crate::disk;
 use crate::error::UsageError;
 use crate::fsutil::{self, TempFile};
@@ -277,5 +276,6 @@ fn same_content(a: &Path, b: &Path) -> Result<bool> {
     if la.map(|m| m.len()) != lb.map(|m| m.len()) {
         return Ok(false);
     }
-    Ok(cache::content_digest(a)? == cache::content_digest(b)?)
+    let digest = |p: &Path| fsutil::open_regular(p).and_then(|f| crate::digest::of_file(&f));
+    Ok(digest(a)? == digest(b)?)
 }
