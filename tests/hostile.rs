@@ -814,3 +814,23 @@ fn a_tiny_qcow2_declaring_256_gib_is_fetched_and_verified_without_hashing_its_ho
     r.assert_code(0);
     assert!(r.stdout.starts_with("ok"), "{}", r.stdout);
 }
+
+#[test]
+fn prune_never_removes_another_accounts_temp_file() {
+    let cache = Cache::new();
+    std::fs::create_dir_all(cache.base()).unwrap();
+    let part = cache.base().join(format!("{}.part", entry_name("img")));
+    std::fs::write(&part, b"a download another account is making").unwrap();
+    std::os::unix::fs::chown(&part, Some(65534), Some(65534)).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    std::fs::File::open(&part)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let instances = cache.instances().to_str().unwrap().to_owned();
+    let r = run(imgcache().args(["prune", "--json", "--instances-path", &instances]));
+    r.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["temps"][0]["action"], "kept", "{report}");
+    assert!(part.exists());
+}

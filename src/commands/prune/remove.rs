@@ -56,8 +56,12 @@ impl Pruner<'_> {
         if !fsutil::exists(&t.path) {
             return Ok(Action::Kept);
         }
-        fsutil::remove_own(&t.path)
-            .with_context(|| format!("cannot remove {}", t.path.display()))?;
+        // Only our own: another account's temp file (Nova's download) is never removed.
+        if !fsutil::remove_own(&t.path)
+            .with_context(|| format!("cannot remove {}", t.path.display()))?
+        {
+            return Ok(Action::Kept);
+        }
         if !fsutil::exists(&entry.path()) && lock.is_current() {
             // No entry left to protect: the lock file goes too (same rule as remove_entry).
             let _ = fsutil::remove_file(lock.path());
