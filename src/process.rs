@@ -70,16 +70,27 @@ impl Output {
 /// Runs `cmd` to its end (or its deadline) and returns its output, whatever its exit status.
 /// `shown` names the command in a timeout error.
 pub fn run(cmd: Command, shown: &str, limits: &Limits) -> Result<Output, Error> {
-    run_watched(cmd, shown, limits, &|| None)
+    run_inner(cmd, shown, limits, None)
 }
 
 /// [`run`], asking `watch` every 20 ms whether to go on: `Some(why)` kills the child and
 /// fails with [`Error::Stopped`] (a conversion about to fill the filesystem).
 pub fn run_watched(
-    mut cmd: Command,
+    cmd: Command,
     shown: &str,
     limits: &Limits,
     watch: &dyn Fn() -> Option<String>,
+) -> Result<Output, Error> {
+    run_inner(cmd, shown, limits, Some(watch))
+}
+
+/// Without a deadline or a watch the child is waited for blocking (no poll latency on the
+/// many short qemu-img calls); otherwise it is polled.
+fn run_inner(
+    mut cmd: Command,
+    shown: &str,
+    limits: &Limits,
+    watch: Option<&dyn Fn() -> Option<String>>,
 ) -> Result<Output, Error> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -112,7 +123,11 @@ pub fn run_watched(
         .map_err(|source| Error::Spawn { program, source })?;
     let stdout = drain(child.stdout.take(), MAX_STDOUT);
     let stderr = drain(child.stderr.take(), MAX_STDERR);
-    let status = match wait(&mut child, limits.timeout, watch) {
+    let waited = match (limits.timeout, watch) {
+        (None, None) => Ok(child.wait().unwrap_or_else(|_| killed())),
+        (timeout, watch) => wait(&mut child, timeout, watch.unwrap_or(&|| None)),
+    };
+    let status = match waited {
         Ok(status) => status,
         Err(stop) => {
             let _ = child.kill();
@@ -132,7 +147,7 @@ pub fn run_watched(
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
     // A child quicker than one poll is judged by the watch at its end all the same.
-    if let Some(why) = watch() {
+    if let Some(why) = watch.and_then(|w| w()) {
         return Err(Error::Stopped {
             shown: shown.to_owned(),
             why,
@@ -153,6 +168,9 @@ fn wait(
     watch: &dyn Fn() -> Option<String>,
 ) -> Result<ExitStatus, Option<String>> {
     let deadline = timeout.map(|t| Instant::now() + t);
+    // Short children (qemu-img info, create: a few ms) must not wait a whole poll: start at
+    // 1 ms and double up to POLL.
+    let mut pause = Duration::from_millis(1);
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Ok(status),
@@ -161,7 +179,8 @@ fn wait(
                 if let Some(why) = watch() {
                     return Err(Some(why));
                 }
-                std::thread::sleep(POLL);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(POLL);
             }
             // Nothing left to wait for; report it like a signal death.
             Err(_) => return Ok(killed()),

@@ -93,7 +93,16 @@ impl Job<'_> {
             made.push(self.disk(("root", "disk"), &root, backend, size, &mut records)?);
             root
         };
-        self.record_usage(records.clone(), true)?;
+        // Slow steps follow (a kernel or ramdisk to fetch, a template to build): the root's
+        // base is recorded in use first.
+        let more = ["kernel_id", "ramdisk_id"]
+            .iter()
+            .any(|p| root.properties.contains_key(*p))
+            || self.req.ephemeral_gib.is_some()
+            || self.req.swap_mib.is_some();
+        if more {
+            self.record_usage(records.clone(), true)?;
+        }
         self.kernel_and_ramdisk(&root, &mut records, made)?;
         self.ephemeral_and_swap(backend, &mut records, made)?;
         self.inst.write_disk_info(&records)?;
