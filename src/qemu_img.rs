@@ -159,7 +159,7 @@ pub fn convert_to_raw(
         pass_fds: vec![src.as_raw_fd(), dst.as_raw_fd()],
         ..process::Limits::default()
     };
-    run_watched(cmd, "convert", shown, &limits, watch).map(drop)
+    run_watched(cmd, "convert", shown, &limits, Some(watch)).map(drop)
 }
 
 /// Writes a qcow2 overlay into `dst`, a new file we hold open:
@@ -192,27 +192,31 @@ fn run(
     path: &Path,
     limits: &process::Limits,
 ) -> Result<Vec<u8>, Error> {
-    run_watched(cmd, op, path, limits, &|| None)
+    run_watched(cmd, op, path, limits, None)
 }
 
+/// [`run`], with a watch that may stop the child (only the conversion has one; without it the
+/// child is waited for blocking).
 fn run_watched(
     cmd: Command,
     op: &'static str,
     path: &Path,
     limits: &process::Limits,
-    watch: &dyn Fn() -> Option<String>,
+    watch: Option<&dyn Fn() -> Option<String>>,
 ) -> Result<Vec<u8>, Error> {
-    let out =
-        process::run_watched(cmd, &format!("qemu-img {op}"), limits, watch).map_err(
-            |e| match e {
-                process::Error::Stopped { why, .. } => Error::Stopped {
-                    op,
-                    path: path.to_owned(),
-                    why,
-                },
-                other => Error::Missing(other.to_string()),
-            },
-        )?;
+    let shown = format!("qemu-img {op}");
+    let ran = match watch {
+        Some(w) => process::run_watched(cmd, &shown, limits, w),
+        None => process::run(cmd, &shown, limits),
+    };
+    let out = ran.map_err(|e| match e {
+        process::Error::Stopped { why, .. } => Error::Stopped {
+            op,
+            path: path.to_owned(),
+            why,
+        },
+        other => Error::Missing(other.to_string()),
+    })?;
     if out.status.success() {
         return Ok(out.stdout);
     }
