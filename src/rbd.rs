@@ -158,6 +158,14 @@ impl Rbd {
         Ok(serde_json::from_str::<Vec<String>>(&s).unwrap_or_default())
     }
 
+    /// True if `pool/image` is in its pool's listing.
+    fn listed(&self, image_spec: &str) -> Result<bool, Error> {
+        let Some((pool, name)) = image_spec.split_once('/') else {
+            return Ok(false);
+        };
+        Ok(self.ls(pool)?.iter().any(|n| n == name))
+    }
+
     /// Clones of a snapshot, as `pool/image`.
     pub fn children(&self, snap_spec: &str) -> Result<Vec<String>, Error> {
         let s = self.rbd(&["children", "--format", "json", snap_spec])?;
@@ -207,7 +215,7 @@ impl Rbd {
         // `snap purge` exits 0 even when it could not remove a snapshot, and right after a
         // concurrent import the image can still be settling: check, and try a few times.
         let mut last = None;
-        for attempt in 0..5 {
+        for attempt in 0..8 {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(200 * attempt));
                 let _ = self.rbd(&["snap", "unprotect", &snap]);
@@ -215,13 +223,16 @@ impl Rbd {
             let _ = self.rbd(&["snap", "purge", "--no-progress", image_spec]);
             match self.rbd(&["rm", "--no-progress", image_spec]) {
                 Ok(_) => {}
-                Err(e) if e.code() == Some(ENOENT) => return Ok(()),
+                // Gone as far as its header goes; the pool's directory is checked below.
+                Err(e) if e.code() == Some(ENOENT) => {}
                 Err(e) => {
                     last = Some(e);
                     continue;
                 }
             }
-            if self.info(image_spec)?.is_none() {
+            // Right after a lost rename race the pool can still list the name for a moment:
+            // removed means neither readable nor listed.
+            if self.info(image_spec)?.is_none() && !self.listed(image_spec)? {
                 return Ok(());
             }
         }
