@@ -21,6 +21,21 @@ fn mkfifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
 }
 
+/// A `qemu-img` in `dir` that runs `on_convert` (shell) before a `convert`, then the real one.
+fn qemu_img_wrapper(dir: &Path, on_convert: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let wrapper = dir.join("qemu-img");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = convert ]; then {on_convert}; fi\nexec qemu-img \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
 fn server(id: &str, seed: u64) -> (FaultServer, Vec<u8>) {
     let data = test_bytes(1 << 20, seed);
     (FaultServer::start(Image::raw(id, data.clone())), data)
@@ -277,14 +292,7 @@ fn a_device_as_direct_url_is_never_read_and_the_image_comes_over_http() {
 fn a_conversion_child_dies_with_a_killed_imgcache() {
     let work = tempfile::tempdir().unwrap();
     // A qemu-img whose convert never ends (it becomes `sleep`, keeping the death signal).
-    let wrapper = work.path().join("qemu-img");
-    std::fs::write(
-        &wrapper,
-        "#!/bin/sh\nif [ \"$1\" = convert ]; then exec sleep 300; fi\nexec qemu-img \"$@\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = qemu_img_wrapper(work.path(), "exec sleep 300");
     let (_, qcow) = make_qcow2(work.path(), "img", &test_bytes(1 << 20, 11));
     let mut image = Image::raw("img", std::fs::read(&qcow).unwrap());
     image.disk_format = "qcow2".into();
@@ -564,14 +572,10 @@ fn a_symlink_swapped_in_while_qemu_img_converts_is_not_written_through_nor_kept(
     std::fs::write(&outside, b"precious").unwrap();
     // A qemu-img that, just before converting, replaces `.converted` with a link to `outside`
     // (what another account that can write `_base` could do at that moment).
-    let wrapper = work.path().join("qemu-img");
-    std::fs::write(
-        &wrapper,
-        "#!/bin/sh\nif [ \"$1\" = convert ]; then rm -f \"$SWAP_AT\"; ln -s \"$SWAP_TO\" \"$SWAP_AT\"; fi\nexec qemu-img \"$@\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = qemu_img_wrapper(
+        work.path(),
+        "rm -f \"$SWAP_AT\"; ln -s \"$SWAP_TO\" \"$SWAP_AT\"",
+    );
     let (_, qcow) = make_qcow2(work.path(), "img", &test_bytes(1 << 20, 18));
     let mut image = Image::raw("img", std::fs::read(&qcow).unwrap());
     image.disk_format = "qcow2".into();

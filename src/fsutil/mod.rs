@@ -128,7 +128,12 @@ pub fn exists(path: &Path) -> bool {
 
 /// Reads a whole regular file of at most `limit` bytes; a larger one is `InvalidData`.
 pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let file = open_regular(path)?;
+    read_capped(open_regular(path)?, limit, path)
+}
+
+/// Reads an open file to its end, at most `limit` bytes; more is `InvalidData`, never a
+/// truncated document.
+fn read_capped(file: File, limit: u64, path: &Path) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     file.take(limit + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
@@ -156,15 +161,7 @@ pub fn read_operator_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
             describe_type(&meta)
         )));
     }
-    let mut buf = Vec::new();
-    file.take(limit + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is larger than {limit} bytes", path.display()),
-        ));
-    }
-    Ok(buf)
+    read_capped(file, limit, path)
 }
 
 /// Sets a regular file's mtime to now (prune reads it as "last used").
