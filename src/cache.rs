@@ -6,7 +6,7 @@
 
 use std::fs::Metadata;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -14,11 +14,14 @@ use sha1::{Digest, Sha1};
 
 use crate::error::UsageError;
 use crate::fsutil;
-use crate::lock::{self, FileLock};
+use crate::lock::{self, FileLock, Style};
 use crate::progress::Reporter;
 
 /// Prefix of lock file names in `locks/`, followed by the entry name.
 pub const LOCK_PREFIX: &str = "imgcache-";
+/// Prefix of Nova's lock files in `locks/` (oslo.concurrency's external lock with Nova's
+/// `nova-` prefix), followed by the same entry name. Locked, never deleted by imgcache.
+pub const NOVA_LOCK_PREFIX: &str = "nova-";
 /// Prefix (after [`LOCK_PREFIX`]) of instance lock names.
 pub const INSTANCE_LOCK_PREFIX: &str = "instance-";
 /// Suffix of a download in progress (resumable).
@@ -105,10 +108,12 @@ impl Cache {
         &self.locks
     }
 
-    /// Creates `_base` and `locks/` if missing.
+    /// Creates `_base` and `locks/` if missing. Made as root under an instances path another
+    /// account owns (nova), they are given to that account, so nova-compute can still create its
+    /// downloads and lock files in them.
     pub fn ensure_dirs(&self) -> Result<()> {
         for dir in [&self.base, &self.locks] {
-            fsutil::create_dirs(dir).with_context(|| {
+            fsutil::create_dir_like(dir, &self.instances).with_context(|| {
                 format!(
                     "cannot create cache directory {}; check --instances-path and its permissions",
                     dir.display()
@@ -135,6 +140,11 @@ impl Cache {
     /// The lock file `locks/imgcache-<name>`.
     pub fn lock_path(&self, name: &str) -> PathBuf {
         self.locks.join(format!("{LOCK_PREFIX}{name}"))
+    }
+
+    /// Nova's lock file for the same entry, `locks/nova-<name>`.
+    pub fn nova_lock_path(&self, name: &str) -> PathBuf {
+        self.locks.join(format!("{NOVA_LOCK_PREFIX}{name}"))
     }
 
     /// The lock file of an instance directory.
@@ -204,25 +214,46 @@ impl Entry<'_> {
         self.cache.lock_path(&self.name)
     }
 
+    /// Nova's lock file of the entry.
+    pub fn nova_lock_path(&self) -> PathBuf {
+        self.cache.nova_lock_path(&self.name)
+    }
+
     /// True if the entry is a regular file (a symlink there is not an entry).
     pub fn exists(&self) -> bool {
         fsutil::is_regular(&self.path())
     }
 
-    /// Takes the entry's lock, waiting up to `timeout` (saying once on `rep` that we wait for
-    /// `what`).
+    /// Takes the entry's locks — imgcache's, then Nova's — waiting up to `timeout` in all
+    /// (saying once on `rep` that we wait for `what`, and for whom).
     pub fn lock(
         &self,
         what: &str,
         timeout: Duration,
         rep: &dyn Reporter,
-    ) -> Result<FileLock, lock::Error> {
-        lock::acquire(&self.lock_path(), what, timeout, rep)
+    ) -> Result<EntryLock, lock::Error> {
+        let start = Instant::now();
+        let ours = lock::acquire(&self.lock_path(), Style::Flock, what, timeout, rep)?;
+        let left = timeout.saturating_sub(start.elapsed());
+        let nova = lock::acquire(&self.nova_lock_path(), Style::Ofd, what, left, rep)?;
+        Ok(EntryLock { nova, ours })
     }
 
-    /// True if another process holds the entry's lock. Creates nothing (for `--dry-run`).
+    /// Takes both locks without waiting; `Ok(None)` if someone holds either.
+    pub fn try_lock(&self) -> Result<Option<EntryLock>, lock::Error> {
+        let Some(ours) = lock::try_acquire(&self.lock_path(), Style::Flock)? else {
+            return Ok(None);
+        };
+        let Some(nova) = lock::try_acquire(&self.nova_lock_path(), Style::Ofd)? else {
+            return Ok(None);
+        };
+        Ok(Some(EntryLock { nova, ours }))
+    }
+
+    /// True if another process holds either lock. Creates nothing (for `--dry-run`).
     pub fn is_locked(&self) -> bool {
-        lock::is_held(&self.lock_path())
+        lock::is_held(&self.lock_path(), Style::Flock)
+            || lock::is_held(&self.nova_lock_path(), Style::Ofd)
     }
 
     /// Reads the record, if there is one and it parses.
@@ -237,11 +268,12 @@ impl Entry<'_> {
             .with_context(|| format!("cannot write record {}", path.display()))
     }
 
-    /// The one way an entry leaves the cache: take its lock (`wait`), re-check under it with
+    /// The one way an entry leaves the cache: take its locks (`wait`), re-check under them with
     /// `still` on what is at the path now (never a symlink: those are not entries), then remove
-    /// the entry, its record and its lock file, and fsync `_base`. Deleting the lock file while
+    /// the entry, its record and our lock file, and fsync `_base`. Deleting our lock file while
     /// holding it is safe: anyone who opened the old inode notices after locking that it is no
-    /// longer at the path and retries (src/lock.rs).
+    /// longer at the path and retries (src/lock.rs). Nova's lock file is left: nova-compute
+    /// does not re-check inodes.
     pub fn remove_under_lock(
         &self,
         what: &str,
@@ -249,7 +281,7 @@ impl Entry<'_> {
         still: impl FnOnce(&Metadata) -> bool,
     ) -> Result<Removal> {
         let lock = match wait {
-            Wait::No => match lock::try_acquire(&self.lock_path())? {
+            Wait::No => match self.try_lock()? {
                 Some(l) => l,
                 None => return Ok(Removal::Busy),
             },
@@ -263,12 +295,32 @@ impl Entry<'_> {
         }
         fsutil::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         let _ = fsutil::remove_file(&self.record_path());
-        if lock.is_current() {
-            let _ = fsutil::remove_file(lock.path());
-        }
+        lock.remove_ours();
         fsutil::sync_dir(self.cache.base_dir())
             .with_context(|| format!("cannot sync {}", self.cache.base_dir().display()))?;
         Ok(Removal::Removed)
+    }
+}
+
+/// Both locks of an entry (imgcache's and Nova's), released together when dropped.
+#[derive(Debug)]
+pub struct EntryLock {
+    nova: FileLock,
+    ours: FileLock,
+}
+
+impl EntryLock {
+    /// Removes our lock file if it is still the one we hold (nobody can be using it for
+    /// anything while we hold it; a late opener notices the unlink and retries). Nova's is kept.
+    pub fn remove_ours(&self) {
+        if self.ours.is_current() {
+            let _ = fsutil::remove_file(self.ours.path());
+        }
+    }
+
+    /// Nova's lock file, held.
+    pub fn nova_path(&self) -> &Path {
+        self.nova.path()
     }
 }
 

@@ -55,6 +55,7 @@ impl Instance {
     pub fn lock(&self, timeout: Duration, rep: &dyn Reporter) -> Result<FileLock, lock::Error> {
         lock::acquire(
             &self.lock_path,
+            lock::Style::Flock,
             &format!("instance {}", self.name),
             timeout,
             rep,

@@ -1,11 +1,18 @@
-//! Inter-process file locks (fs2 `flock`) with a "waiting for lock on ..." notice and a timeout.
+//! Inter-process file locks with a "waiting for the lock on ..." notice and a timeout, in the
+//! two styles the instances path needs: `flock` on imgcache's own lock files, and an
+//! open-file-description record lock (`F_OFD_SETLK` over the whole file) on Nova's
+//! `locks/nova-<name>`, which conflicts with the `fcntl.lockf` lock oslo.concurrency (through
+//! fasteners) takes there for nova-compute. Both belong to our open file, not to the process,
+//! and both vanish when it closes, so a killed imgcache never leaves a stale lock.
 //!
 //! A lock file is never trusted by name alone: after locking, the open file's inode is compared with
-//! the inode now at the path. If they differ, someone (a prune sweeping stale lock files) unlinked or
-//! replaced the file between our open and our lock, and we start over. This closes the classic race
-//! where two processes each "hold" the lock on a different inode (Nova bug 1256306 era).
+//! the inode now at the path. If they differ, someone (a prune sweeping stale lock files, Nova's
+//! cache manager removing `nova-<name>` after a base) unlinked or replaced the file between our
+//! open and our lock, and we start over. This closes the classic race where two processes each
+//! "hold" the lock on a different inode (Nova bug 1256306 era).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -17,16 +24,38 @@ use crate::error::{self, Kind};
 use crate::fsutil;
 use crate::progress::Reporter;
 
+/// How a lock file is locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// `flock(LOCK_EX)`: imgcache's own lock files (`locks/imgcache-*`).
+    Flock,
+    /// An exclusive open-file-description record lock on the whole file: Nova's lock files
+    /// (`locks/nova-*`), so that nova-compute's `fcntl.lockf` and we exclude each other.
+    Ofd,
+}
+
+impl Style {
+    /// Who may be holding a lock of this style, for the messages.
+    fn holder(self) -> &'static str {
+        match self {
+            Style::Flock => "another imgcache",
+            Style::Ofd => "another process, possibly nova-compute",
+        }
+    }
+}
+
 /// Lock failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "timed out after {waited:?} waiting for the lock on {what} ({path}); another imgcache is still working on it — retry later or raise --lock-timeout"
+        "timed out after {} waiting for the lock on {what} ({path}); {holder} still holds it — retry later or raise --lock-timeout",
+        crate::units::round_duration(*waited)
     )]
     Timeout {
         what: String,
         path: PathBuf,
         waited: Duration,
+        holder: &'static str,
     },
     #[error("cannot open lock file {path}")]
     Open {
@@ -52,11 +81,12 @@ impl Error {
     }
 }
 
-/// An exclusive lock, released when dropped (closing the file releases the `flock`).
+/// An exclusive lock, released when dropped (closing the file releases it, in both styles).
 #[derive(Debug)]
 pub struct FileLock {
     file: File,
     path: PathBuf,
+    style: Style,
 }
 
 impl FileLock {
@@ -75,13 +105,16 @@ impl FileLock {
 impl Drop for FileLock {
     fn drop(&mut self) {
         // Closing the descriptor releases the lock; an explicit unlock keeps that obvious.
-        let _ = FileExt::unlock(&self.file);
+        let _ = match self.style {
+            Style::Flock => FileExt::unlock(&self.file),
+            Style::Ofd => ofd(&self.file, libc::F_OFD_SETLK, libc::F_UNLCK).map(drop),
+        };
     }
 }
 
 const POLL_START: Duration = Duration::from_millis(10);
-// Waiters poll (fs2 has no timed lock); a short cap lets a herd of fetches return within
-// ~20 ms of the holder finishing.
+// Waiters poll (neither style has a timed lock); a short cap lets a herd of fetches return
+// within ~20 ms of the holder finishing.
 const POLL_MAX: Duration = Duration::from_millis(20);
 
 /// Takes an exclusive lock on `path`, creating the file if needed. If another process holds it,
@@ -89,6 +122,7 @@ const POLL_MAX: Duration = Duration::from_millis(20);
 /// `timeout` has passed.
 pub fn acquire(
     path: &Path,
+    style: Style,
     what: &str,
     timeout: Duration,
     rep: &dyn Reporter,
@@ -97,31 +131,18 @@ pub fn acquire(
     let mut told = false;
     let mut delay = POLL_START;
     loop {
-        let file = open(path)?;
-        match file.try_lock_exclusive() {
-            Ok(()) => {
-                if same_inode(&file, path) {
-                    return Ok(FileLock {
-                        file,
-                        path: path.to_owned(),
-                    });
-                }
+        if let Some(lock) = try_acquire_once(path, style)? {
+            match lock {
+                Attempt::Held(l) => return Ok(l),
                 // The file was unlinked or replaced while we locked it: our lock protects
                 // nothing. Drop it and lock whatever is at the path now.
-                continue;
-            }
-            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {}
-            Err(source) => {
-                return Err(Error::Lock {
-                    path: path.to_owned(),
-                    source,
-                });
+                Attempt::Stale => continue,
             }
         }
-        drop(file);
         if !told {
             rep.info(&format!(
-                "waiting for the lock on {what} (another process is working on it)"
+                "waiting for the lock on {what} (held by {})",
+                style.holder()
             ));
             told = true;
         }
@@ -131,6 +152,7 @@ pub fn acquire(
                 what: what.to_owned(),
                 path: path.to_owned(),
                 waited,
+                holder: style.holder(),
             });
         }
         thread::sleep(delay.min(timeout - waited));
@@ -138,43 +160,113 @@ pub fn acquire(
     }
 }
 
-/// Tries once, without waiting. `Ok(None)` means someone else holds it.
-pub fn try_acquire(path: &Path) -> Result<Option<FileLock>, Error> {
-    let file = open(path)?;
-    match file.try_lock_exclusive() {
-        Ok(()) if same_inode(&file, path) => Ok(Some(FileLock {
-            file,
-            path: path.to_owned(),
-        })),
-        Ok(()) => Ok(None),
-        Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => Ok(None),
-        Err(source) => Err(Error::Lock {
-            path: path.to_owned(),
-            source,
-        }),
-    }
+enum Attempt {
+    Held(FileLock),
+    /// Locked an inode that is no longer at the path.
+    Stale,
 }
 
-/// Opens (creating if needed) a lock file; a symlink or FIFO planted there is refused.
-fn open(path: &Path) -> Result<File, Error> {
-    fsutil::open_or_create(path).map_err(|source| Error::Open {
+/// One non-blocking attempt. `Ok(None)`: someone else holds it.
+fn try_acquire_once(path: &Path, style: Style) -> Result<Option<Attempt>, Error> {
+    let file = open(path, style)?;
+    let locked = match style {
+        Style::Flock => match file.try_lock_exclusive() {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => Ok(false),
+            Err(e) => Err(e),
+        },
+        Style::Ofd => ofd(&file, libc::F_OFD_SETLK, libc::F_WRLCK),
+    }
+    .map_err(|source| Error::Lock {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !locked {
+        return Ok(None);
+    }
+    if !same_inode(&file, path) {
+        return Ok(Some(Attempt::Stale));
+    }
+    Ok(Some(Attempt::Held(FileLock {
+        file,
+        path: path.to_owned(),
+        style,
+    })))
+}
+
+/// Tries once, without waiting. `Ok(None)` means someone else holds it.
+pub fn try_acquire(path: &Path, style: Style) -> Result<Option<FileLock>, Error> {
+    Ok(match try_acquire_once(path, style)? {
+        Some(Attempt::Held(l)) => Some(l),
+        Some(Attempt::Stale) | None => None,
+    })
+}
+
+/// Opens (creating if needed) a lock file; a symlink or FIFO planted there is refused. Nova's
+/// lock files are created for the owner of `locks/`, so nova-compute can still open them.
+fn open(path: &Path, style: Style) -> Result<File, Error> {
+    match style {
+        Style::Flock => fsutil::open_or_create(path),
+        Style::Ofd => fsutil::open_or_create_shared(path),
+    }
+    .map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })
 }
 
 /// True if another process holds the lock at `path`. Creates nothing (for `--dry-run`).
-pub fn is_held(path: &Path) -> bool {
+pub fn is_held(path: &Path, style: Style) -> bool {
     let Ok(file) = fsutil::open_regular(path) else {
         return false;
     };
-    match FileExt::try_lock_shared(&file) {
-        Ok(()) => {
-            let _ = FileExt::unlock(&file);
-            false
-        }
-        Err(_) => true,
+    match style {
+        Style::Flock => match FileExt::try_lock_shared(&file) {
+            Ok(()) => {
+                let _ = FileExt::unlock(&file);
+                false
+            }
+            Err(_) => true,
+        },
+        Style::Ofd => ofd_conflict(&file).unwrap_or(false),
     }
+}
+
+/// `fcntl(F_OFD_SETLK)` with `l_type` over the whole file. `Ok(false)`: another holder
+/// conflicts.
+fn ofd(file: &File, cmd: libc::c_int, l_type: libc::c_int) -> std::io::Result<bool> {
+    let mut fl = whole_file(l_type);
+    // SAFETY: fcntl with a lock command and a pointer to a valid, initialised `flock`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// True if a write lock on the whole file would conflict with someone's (`F_OFD_GETLK`; works
+/// on a read-only descriptor and takes nothing).
+fn ofd_conflict(file: &File) -> std::io::Result<bool> {
+    let mut fl = whole_file(libc::F_WRLCK);
+    // SAFETY: as in `ofd`; GETLK only writes into `fl`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(i32::from(fl.l_type) != libc::F_UNLCK)
+}
+
+fn whole_file(l_type: libc::c_int) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct; all-zero is a valid value (l_start = l_len = 0: the
+    // whole file; l_pid must be 0 for OFD locks).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
 }
 
 fn same_inode(file: &File, path: &Path) -> bool {
@@ -209,9 +301,16 @@ mod tests {
     fn second_lock_times_out_and_reports_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let _held = acquire(&path, "x", Duration::from_secs(1), &Silent).unwrap();
+        let _held = acquire(&path, Style::Flock, "x", Duration::from_secs(1), &Silent).unwrap();
         let notes = Notes::default();
-        let err = acquire(&path, "entry abc", Duration::from_millis(100), &notes).unwrap_err();
+        let err = acquire(
+            &path,
+            Style::Flock,
+            "entry abc",
+            Duration::from_millis(100),
+            &notes,
+        )
+        .unwrap_err();
         let told = notes.0.lock().unwrap().clone();
         assert_eq!(told.len(), 1);
         assert!(
@@ -226,22 +325,70 @@ mod tests {
     fn lock_on_unlinked_file_is_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let first = acquire(&path, "x", Duration::from_secs(1), &Silent).unwrap();
+        let first = acquire(&path, Style::Flock, "x", Duration::from_secs(1), &Silent).unwrap();
         assert!(first.is_current());
         std::fs::remove_file(&path).unwrap();
         assert!(!first.is_current());
         // A new locker gets the new inode at once, even though `first` still holds the old one.
-        let second = try_acquire(&path).unwrap().expect("fresh inode is free");
+        let second = try_acquire(&path, Style::Flock)
+            .unwrap()
+            .expect("fresh inode is free");
         assert!(second.is_current());
+    }
+
+    #[test]
+    fn nova_style_lock_conflicts_with_lockf_and_is_seen_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nova-x");
+        // What fasteners does for Nova, in another process (a POSIX lock held by this test
+        // process would be dropped by the first close of any descriptor of the file).
+        let mut holder = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl,sys; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            ])
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "held");
+        assert!(try_acquire(&path, Style::Ofd).unwrap().is_none());
+        assert!(is_held(&path, Style::Ofd));
+        let err = acquire(
+            &path,
+            Style::Ofd,
+            "image y",
+            Duration::from_millis(50),
+            &Silent,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("possibly nova-compute"), "{err}");
+        drop(holder.stdin.take());
+        assert!(holder.wait().unwrap().success());
+        let held = try_acquire(&path, Style::Ofd)
+            .unwrap()
+            .expect("free after lockf release");
+        assert!(!is_held(&dir.path().join("absent"), Style::Ofd));
+        // A second OFD lock (another imgcache) conflicts too, and the file is released on drop.
+        assert!(try_acquire(&path, Style::Ofd).unwrap().is_none());
+        drop(held);
+        assert!(try_acquire(&path, Style::Ofd).unwrap().is_some());
     }
 
     #[test]
     fn released_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let held = acquire(&path, "x", Duration::from_secs(1), &Silent).unwrap();
-        assert!(try_acquire(&path).unwrap().is_none());
+        let held = acquire(&path, Style::Flock, "x", Duration::from_secs(1), &Silent).unwrap();
+        assert!(try_acquire(&path, Style::Flock).unwrap().is_none());
         drop(held);
-        assert!(try_acquire(&path).unwrap().is_some());
+        assert!(try_acquire(&path, Style::Flock).unwrap().is_some());
     }
 }

@@ -1,13 +1,14 @@
-//! Ephemeral and swap templates in `_base`, built once under their own lock: a sparse file
-//! formatted with mkfs (`ephemeral_<GiB>_<7 hex of the mkfs command>`) or mkswap (`swap_<MiB>`),
-//! as Nova names them. Instance disks are then copied or overlaid from the template.
+//! Ephemeral and swap templates in `_base`, built once under their locks (imgcache's and Nova's):
+//! a sparse file formatted with mkfs (`ephemeral_<GiB>_<md5(filesystem)[:7]>`) or mkswap
+//! (`swap_<MiB>`), named exactly as Nova names them, so Nova's cache manager counts the ones its
+//! instances use and a hard reboot finds its template where it looks. Instance disks are then
+//! copied or overlaid from the template.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sha1::{Digest, Sha1};
 
 use crate::cache::Cache;
 use crate::error::Kind;
@@ -83,10 +84,16 @@ impl Error {
     }
 }
 
-/// Entry name of an ephemeral template.
+/// Entry name of an ephemeral template, as Nova's `get_file_extension_for_os_type` names it
+/// for the filesystem it was given (`[DEFAULT] default_ephemeral_format`, no `virt_mkfs`
+/// command): the first 7 hex digits of the MD5 of the filesystem's name. Nova's default, with
+/// no format configured, hashes "vfat".
 pub fn ephemeral_name(gib: u64, fs: Fs) -> String {
-    let hash = hex::encode(Sha1::digest(fs.command().as_bytes()));
-    format!("ephemeral_{gib}_{}", &hash[..7])
+    // libcrypto's MD5 (already linked for Glance's hashes); it names a file, it secures nothing.
+    let hash = openssl::hash::hash(openssl::hash::MessageDigest::md5(), fs.name().as_bytes())
+        .map(|d| hex::encode(&*d))
+        .unwrap_or_default();
+    format!("ephemeral_{gib}_{}", hash.get(..7).unwrap_or("0000000"))
 }
 
 /// Entry name of a swap template.
@@ -250,10 +257,10 @@ mod tests {
     #[test]
     fn names_follow_nova() {
         assert_eq!(swap_name(512), "swap_512");
-        let n = ephemeral_name(10, Fs::Ext4);
-        assert!(n.starts_with("ephemeral_10_"), "{n}");
-        assert_eq!(n.len(), "ephemeral_10_".len() + 7);
-        assert_ne!(n, ephemeral_name(10, Fs::Xfs));
+        // Nova's names: md5("ext4")[:7], md5("vfat")[:7].
+        assert_eq!(ephemeral_name(10, Fs::Ext4), "ephemeral_10_40d1d2c");
+        assert_eq!(ephemeral_name(1, Fs::Vfat), "ephemeral_1_0706d66");
+        assert_ne!(ephemeral_name(10, Fs::Ext4), ephemeral_name(10, Fs::Xfs));
         assert_eq!(Fs::Ext4.command(), "mkfs -t ext4 -F -L ephemeral0");
     }
 }

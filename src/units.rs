@@ -125,6 +125,23 @@ pub fn ago(d: Duration) -> String {
     }
 }
 
+/// A waited time as people read it: `250ms`, `2.0s`, `1m 30s` (never `2.000168618s`).
+pub fn round_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1000..=59_999 => format!("{:.1}s", d.as_secs_f64()),
+        _ => {
+            let s = d.as_secs();
+            if s < 3600 {
+                format!("{}m {}s", s / 60, s % 60)
+            } else {
+                ago(d)
+            }
+        }
+    }
+}
+
 /// Seconds since the epoch, now (0 on a clock before 1970).
 pub fn unix_now() -> u64 {
     unix_secs(SystemTime::now())
@@ -226,6 +243,13 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_307_045), "2026-11-22T00:24:05Z");
+    }
+
+    #[test]
+    fn waits_are_rounded() {
+        assert_eq!(round_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(round_duration(Duration::from_nanos(2_000_168_618)), "2.0s");
+        assert_eq!(round_duration(Duration::from_secs(90)), "1m 30s");
     }
 
     #[test]

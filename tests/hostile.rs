@@ -597,18 +597,37 @@ fn a_symlink_swapped_in_while_qemu_img_converts_is_not_written_through_nor_kept(
 }
 
 #[test]
-fn a_part_file_another_account_made_is_not_resumed() {
+fn a_part_file_another_account_made_is_never_resumed() {
     let cache = Cache::new();
     std::fs::create_dir_all(cache.base()).unwrap();
-    let part = cache.base().join(format!("{}.part", entry_name("img")));
+    let name = entry_name("img");
+    let part = cache.base().join(format!("{name}.part"));
     std::fs::write(&part, b"someone else's bytes").unwrap();
     std::os::unix::fs::chown(&part, Some(65534), Some(65534)).unwrap();
-    let (srv, _) = server("img", 19);
+    let (srv, data) = server("img", 19);
+    // While its owner holds Nova's lock it is a download in progress: left alone, we wait.
+    {
+        let _nova = crate::support::LockfHold::take(
+            &cache.instances().join("locks").join(format!("nova-{name}")),
+        );
+        let r = run(cache.fetch(&srv.url).args(["--lock-timeout", "1s", "img"]));
+        r.assert_code(8);
+        assert!(r.stderr.contains("possibly nova-compute"), "{}", r.stderr);
+        assert_eq!(std::fs::read(&part).unwrap(), b"someone else's bytes");
+        assert!(srv.file_requests().is_empty());
+    }
+    // With both locks free it is a dead download: removed, not resumed; the image comes whole.
     let r = run(cache.fetch(&srv.url).arg("img"));
-    r.assert_code(15);
-    assert!(r.stderr.contains("belongs to another user"), "{}", r.stderr);
-    assert_eq!(std::fs::read(&part).unwrap(), b"someone else's bytes");
-    assert!(srv.file_requests().is_empty());
+    r.assert_code(0);
+    assert!(
+        r.stderr.contains("another user (uid 65534) left"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(cache.base().join(&name)).unwrap(), data);
+    assert!(!part.exists());
+    let ranged = srv.file_requests().iter().any(|q| q.range.is_some());
+    assert!(!ranged, "nothing of the foreign .part was resumed");
 }
 
 #[test]
@@ -820,10 +839,11 @@ fn a_tiny_qcow2_declaring_256_gib_is_fetched_and_verified_without_hashing_its_ho
 }
 
 #[test]
-fn prune_never_removes_another_accounts_temp_file() {
+fn another_accounts_temp_file_is_kept_while_its_nova_lock_is_held_and_removed_when_stale() {
     let cache = Cache::new();
     std::fs::create_dir_all(cache.base()).unwrap();
-    let part = cache.base().join(format!("{}.part", entry_name("img")));
+    let name = entry_name("img");
+    let part = cache.base().join(format!("{name}.part"));
     std::fs::write(&part, b"a download another account is making").unwrap();
     std::os::unix::fs::chown(&part, Some(65534), Some(65534)).unwrap();
     let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
@@ -832,9 +852,20 @@ fn prune_never_removes_another_accounts_temp_file() {
         .set_modified(old)
         .unwrap();
     let instances = cache.instances().to_str().unwrap().to_owned();
+    let nova_lock = cache.instances().join("locks").join(format!("nova-{name}"));
+    {
+        let _nova = crate::support::LockfHold::take(&nova_lock);
+        let r = run(imgcache().args(["prune", "--json", "--instances-path", &instances]));
+        r.assert_code(0);
+        let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(report["temps"][0]["action"], "busy", "{report}");
+        assert!(part.exists());
+    }
+    // Nobody holds either lock now: whoever made it, it is a dead download.
     let r = run(imgcache().args(["prune", "--json", "--instances-path", &instances]));
     r.assert_code(0);
     let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(report["temps"][0]["action"], "kept", "{report}");
-    assert!(part.exists());
+    assert_eq!(report["temps"][0]["action"], "removed", "{report}");
+    assert!(!part.exists());
+    assert!(nova_lock.exists(), "Nova's lock file is never deleted");
 }

@@ -202,14 +202,8 @@ pub fn ensure(
         }
         .into());
     }
-    // Under the lock, the entry's own files are ours; anything else at their paths is refused
-    // before a byte is written (never followed, never removed).
+    clear_dead_temps(id, &entry, rep)?;
     let converted = entry.converted_path();
-    for path in [entry.part_path(), converted.clone(), entry.record_path()] {
-        fsutil::check_not_foreign(&path).with_context(|| format!("image {id}"))?;
-    }
-    // A `.converted` found under the lock is a killed run's: never resumed.
-    remove(&converted)?;
     let bar = rep.transfer(id);
     let build = Build {
         cache,
@@ -320,6 +314,41 @@ fn still_the_image(
         |m| m.len() == size,
     )?;
     Ok(false)
+}
+
+/// Under the entry's locks: the entry's own files are ours, anything else at their paths is
+/// refused before a byte is written (never followed, never removed). Nobody that follows either
+/// lock protocol is writing them now: a `.converted` is a killed run's and is never resumed; a
+/// `.part` another account left (a killed nova-compute's) is removed rather than resumed — its
+/// owner could still write into what would become our entry.
+fn clear_dead_temps(id: &str, entry: &Entry<'_>, rep: &dyn Reporter) -> Result<()> {
+    for path in [
+        entry.part_path(),
+        entry.converted_path(),
+        entry.record_path(),
+    ] {
+        fsutil::check_not_foreign(&path).with_context(|| format!("image {id}"))?;
+    }
+    remove(&entry.converted_path())?;
+    remove_foreign_part(&entry.part_path(), rep)
+}
+
+/// Removes a stale `.part` that belongs to another account (call under the entry's locks).
+fn remove_foreign_part(part: &std::path::Path, rep: &dyn Reporter) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(meta) = fsutil::stat(part)? else {
+        return Ok(());
+    };
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if meta.is_file() && meta.uid() != unsafe { libc::geteuid() } {
+        rep.info(&format!(
+            "removing {}: a download another user (uid {}) left and no one is writing (its locks are free)",
+            part.display(),
+            meta.uid()
+        ));
+        remove(part)?;
+    }
+    Ok(())
 }
 
 fn remove(path: &std::path::Path) -> Result<()> {

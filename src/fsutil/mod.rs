@@ -52,6 +52,71 @@ fn open_checked(path: &Path, flags: i32, mode: u32) -> io::Result<File> {
     Ok(file)
 }
 
+/// Like [`open_or_create`], but a file this call creates is given to the owner of its
+/// directory when we run as root: a lock file another account's process must open for writing
+/// too (Nova's `locks/nova-<name>`, opened by nova-compute as its own user).
+pub fn open_or_create_shared(path: &Path) -> io::Result<File> {
+    let (dir, name) = at::at(path)?;
+    match dir.open_file(
+        &name,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | SAFE,
+        0o644,
+    ) {
+        Ok(file) => {
+            if let Some(parent) = path.parent() {
+                give_like(&file, parent)?;
+            }
+            Ok(file)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open_or_create(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// When we run as root, gives `file` the owner and group of the directory `like` (a file or
+/// directory we just created under a directory another account owns stays usable by it: Nova
+/// runs as its own user and must still create files in `_base` and `locks/`). Does nothing
+/// when not root or when the owner is already right.
+pub fn give_like(file: &File, like: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let Some(owner) = stat(like)? else {
+        return Ok(());
+    };
+    let mine = file.metadata()?;
+    if mine.uid() == owner.uid() && mine.gid() == owner.gid() {
+        return Ok(());
+    }
+    // SAFETY: fchown on a descriptor we own; no pointers involved.
+    let r = unsafe { libc::fchown(file.as_raw_fd(), owner.uid(), owner.gid()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates the directory `path` if it is missing (its parent must exist, or is created as the
+/// operator's tree) and, if this call created it, gives it the owner of `like` (see
+/// [`give_like`]). Returns true if it was created.
+pub fn create_dir_like(path: &Path, like: &Path) -> io::Result<bool> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && stat(parent)?.is_none()
+    {
+        fs::create_dir_all(parent)?;
+    }
+    let made = create_dir(path)?;
+    let opened = File::open(at::Dir::open(path)?.fd_path())?;
+    if made {
+        give_like(&opened, like)?;
+    }
+    Ok(made)
+}
+
 /// Creates a new regular file (mode 0644); fails with `AlreadyExists` if anything is at the path.
 pub fn create_new(path: &Path) -> io::Result<File> {
     let (dir, name) = at::at(path)?;

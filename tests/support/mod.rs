@@ -362,3 +362,36 @@ fn test_bytes_and_rng_are_stable() {
         assert_eq!(sha512_hex(&test_bytes(len, seed)), sha512, "{len} {seed}");
     }
 }
+
+/// A POSIX record lock on the whole file, taken the way Nova's lock library takes
+/// `locks/nova-<name>` (`fcntl.lockf(LOCK_EX)`: `F_SETLK`, owned by this process). Released
+/// when dropped.
+pub struct LockfHold {
+    _file: std::fs::File,
+}
+
+impl LockfHold {
+    pub fn take(path: &Path) -> LockfHold {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .unwrap();
+        // SAFETY: a zeroed flock is valid: whole file from offset 0.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: fcntl on our own descriptor with a valid flock.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) };
+        assert_eq!(
+            r,
+            0,
+            "lockf {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        LockfHold { _file: file }
+    }
+}

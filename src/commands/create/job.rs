@@ -3,16 +3,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::cache::{self, Cache};
+use crate::cache::{self, Cache, EntryLock};
 use crate::error::Kind;
 use crate::fetch;
 use crate::fsutil;
 use crate::glance;
+use crate::inspect;
 use crate::instance::Instance;
-use crate::lock::FileLock;
 use crate::openstack;
 use crate::progress::Reporter;
 use crate::qemu_img;
@@ -176,9 +176,22 @@ impl Job<'_> {
                 properties: r.properties,
             },
             None => {
-                // A base made by another tool: Nova's bases are raw; ask qemu-img for its size
-                // and Glance for the properties.
-                let info = qemu_img::info(&f.path, "raw")?;
+                // A base made by another tool (Nova with `force_raw_images = False` leaves
+                // qcow2): never assumed raw. The inspector decides its format and runs its
+                // safety checks, qemu-img gives the second opinion and the size, Glance the
+                // properties.
+                let file = fsutil::open_regular(&f.path)
+                    .with_context(|| format!("cannot open {}", f.path.display()))?;
+                let report = inspect::inspect_file(&file, &f.path, &opts.limits)?;
+                let format = report.format.qemu_name();
+                let info = qemu_img::info_file(&file, &f.path, format)?;
+                fetch::second_opinion(&report, &info)?;
+                if format != "raw" {
+                    self.rep.warn(&format!(
+                        "{} has no imgcache record and is {format}, not raw; it is used as {format}",
+                        f.path.display()
+                    ));
+                }
                 let properties = self
                     .client
                     .show(id)
@@ -187,7 +200,7 @@ impl Job<'_> {
                 Base {
                     name,
                     path: f.path,
-                    format: "raw".into(),
+                    format: format.into(),
                     virtual_size: info.virtual_size,
                     image_id: Some(id.to_owned()),
                     properties,
@@ -199,7 +212,7 @@ impl Job<'_> {
     /// Takes the base's lock and marks it in use (mtime = now), re-checking that it still
     /// exists: a prune deletes only under this lock and only what is old, so from here on the
     /// base stays.
-    pub fn lock_base(&self, base: &Base) -> Result<FileLock> {
+    pub fn lock_base(&self, base: &Base) -> Result<EntryLock> {
         let entry = self.cache().entry(&base.name);
         let opts = &self.req.opts;
         for _ in 0..BASE_ATTEMPTS {

@@ -67,9 +67,7 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
     let scan_start = SystemTime::now();
     let usage = scan::scan_usage(cache, &keep)?;
     let base = scan::scan_base(cache)?;
-    for w in &usage.warnings {
-        rep.warn(w);
-    }
+    warn_usage(&usage, rep);
     if !req.dry_run {
         touch_in_use(&base.entries, &usage);
     }
@@ -84,10 +82,13 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         + base.temps.iter().map(|t| t.allocated).sum::<u64>();
     let mut entries = age_pass(&req, &mut pruner, &base.entries, &usage)?;
     let over = match req.max_size {
-        Some(max) => size_pass(&mut pruner, &base.entries, &usage, &mut entries, max)?,
-        None => false,
+        Some(max) if usage.doubts.is_empty() => {
+            size_pass(&mut pruner, &base.entries, &usage, &mut entries, max)?
+        }
+        _ => false,
     };
-    let temps = temp_pass(&req, &mut pruner, &base.temps)?;
+    let mut temps = temp_pass(&req, &mut pruner, &base.temps)?;
+    temps.extend(orphan_pass(&mut pruner, &base.orphans)?);
     let lock_files_removed = pruner.sweep_locks()?;
     let rbd = match &req.rbd {
         Some(cluster) => {
@@ -142,6 +143,13 @@ fn age_pass(
             Verdict::TooYoung => (
                 Action::Kept,
                 format!("unused for {}, younger than {}", ago(idle), ago(min_age)),
+            ),
+            Verdict::Expired if !usage.doubts.is_empty() => (
+                Action::Kept,
+                format!(
+                    "unused for {}, but kept: some disks could not be read",
+                    ago(idle)
+                ),
             ),
             Verdict::Expired => (
                 pruner.remove_entry(e, min_age)?,
@@ -221,6 +229,27 @@ fn temp_pass(req: &Request, pruner: &mut Pruner<'_>, temps: &[scan::Temp]) -> Re
     Ok(items)
 }
 
+/// Records whose entry is gone (another cache manager removed it): removed under the entry's
+/// locks if the entry is still absent there.
+fn orphan_pass(pruner: &mut Pruner<'_>, orphans: &[scan::Temp]) -> Result<Vec<Item>> {
+    let mut items = Vec::new();
+    for t in orphans {
+        items.push(Item {
+            name: t.file.clone(),
+            kind: "record",
+            image_id: None,
+            image_name: None,
+            size: t.size,
+            allocated: t.allocated,
+            idle_seconds: idle(pruner.now, t.mtime).as_secs(),
+            users: 0,
+            action: pruner.remove_orphan(t)?,
+            reason: "record of an entry that is gone".into(),
+        });
+    }
+    Ok(items)
+}
+
 fn item(e: &scan::Entry, usage: &Usage, idle: Duration, action: Action, reason: String) -> Item {
     Item {
         name: e.name.clone(),
@@ -241,6 +270,19 @@ fn users_text(usage: &Usage, name: &str) -> String {
         Some(u) if u.len() <= 3 => u.iter().cloned().collect::<Vec<_>>().join(", "),
         Some(u) => format!("{} instances", u.len()),
         None => "the image it was resized from".into(),
+    }
+}
+
+/// Says what the usage scan could not read; with doubts, that no entry is removed.
+fn warn_usage(usage: &Usage, rep: &dyn Reporter) {
+    for w in usage.warnings.iter().chain(&usage.doubts) {
+        rep.warn(w);
+    }
+    if !usage.doubts.is_empty() {
+        rep.warn(&format!(
+            "removing no entry this run: {} disk(s) could not be read, so what they use is unknown; fix their permissions or remove them",
+            usage.doubts.len()
+        ));
     }
 }
 

@@ -50,21 +50,46 @@ impl Pruner<'_> {
         if self.dry_run {
             return Ok(self.would_remove(&entry, t.allocated));
         }
-        let Some(lock) = lock::try_acquire(&entry.lock_path())? else {
+        // Both locks: a temp whose imgcache or Nova lock is held is someone's download or
+        // conversion in progress (nova-compute writes its `.part` under `locks/nova-<name>`).
+        let Some(lock) = entry.try_lock()? else {
             return Ok(Action::Busy);
         };
         if !fsutil::exists(&t.path) {
             return Ok(Action::Kept);
         }
-        // Only our own: another account's temp file (Nova's download) is never removed.
-        if !fsutil::remove_own(&t.path)
+        // Under both locks nobody that follows either protocol is writing it: a stale temp,
+        // whoever made it (a killed nova-compute's `.part` too). Removing never follows.
+        if !fsutil::remove_file(&t.path)
             .with_context(|| format!("cannot remove {}", t.path.display()))?
         {
             return Ok(Action::Kept);
         }
-        if !fsutil::exists(&entry.path()) && lock.is_current() {
-            // No entry left to protect: the lock file goes too (same rule as remove_entry).
-            let _ = fsutil::remove_file(lock.path());
+        if !fsutil::exists(&entry.path()) {
+            // No entry left to protect: our lock file goes too (same rule as remove_entry).
+            lock.remove_ours();
+        }
+        self.freed += t.allocated;
+        Ok(Action::Removed)
+    }
+
+    /// Removes a record whose entry is gone, under the entry's locks, if the entry is still
+    /// absent there (a fetch in progress writes the record under those locks).
+    pub fn remove_orphan(&mut self, t: &scan::Temp) -> Result<Action> {
+        let entry = self.cache.entry(&t.entry);
+        if self.dry_run {
+            return Ok(self.would_remove(&entry, t.allocated));
+        }
+        let Some(lock) = entry.try_lock()? else {
+            return Ok(Action::Busy);
+        };
+        if fsutil::exists(&entry.path()) || !fsutil::is_regular(&t.path) {
+            return Ok(Action::Kept);
+        }
+        fsutil::remove_file(&t.path)
+            .with_context(|| format!("cannot remove {}", t.path.display()))?;
+        if !fsutil::exists(&entry.part_path()) && !fsutil::exists(&entry.converted_path()) {
+            lock.remove_ours();
         }
         self.freed += t.allocated;
         Ok(Action::Removed)
@@ -109,10 +134,10 @@ impl Pruner<'_> {
                 continue;
             }
             if self.dry_run {
-                removed += usize::from(!lock::is_held(&path));
+                removed += usize::from(!lock::is_held(&path, lock::Style::Flock));
                 continue;
             }
-            let Some(lock) = lock::try_acquire(&path)? else {
+            let Some(lock) = lock::try_acquire(&path, lock::Style::Flock)? else {
                 continue;
             };
             // Re-check under the lock: someone may have created the entry meanwhile.

@@ -1,27 +1,27 @@
-//! Reading the state of a cache: what is in `_base` (entries by type, temp files, records) and
-//! which entries instances use — from the usage records `create` writes and from the backing
-//! file of every qcow2 in every instance directory, read natively from the header (no
-//! `qemu-img info` process per disk, as Nova runs).
+//! Reading the state of a cache: what is in `_base` (entries by type, temp files, records,
+//! orphan records) and which entries instances use — whoever made them: from the usage records
+//! `create` writes, the backing file of every qcow2 in every instance directory (read natively
+//! from the header, no `qemu-img info` process per disk as Nova runs) matched to entries by
+//! identity, Nova's `libvirt.xml`, and the kernel/ramdisk copies of AMI instances.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod usage;
+
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+pub use usage::{Usage, scan_usage};
+
 use crate::cache::{self, Cache, Record};
 use crate::fsutil;
-use crate::inspect::{self, qcow2};
-use crate::instance;
 
 /// Largest `--keep-from` list read (a million ids).
 const MAX_KEEP_FILE: u64 = 64 << 20;
-
-/// How deep a qcow2 backing chain inside an instance directory is followed.
-const MAX_CHAIN: usize = 4;
 
 /// What a `_base` file is, from its name (Nova's naming).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -77,6 +77,9 @@ pub struct Temp {
 pub struct Base {
     pub entries: Vec<Entry>,
     pub temps: Vec<Temp>,
+    /// Records (`<entry>.info`) whose entry is gone: left when another cache manager (Nova's)
+    /// deleted the entry, or written by Nova itself up to Mitaka.
+    pub orphans: Vec<Temp>,
 }
 
 fn is_hex40(s: &str) -> bool {
@@ -133,7 +136,19 @@ pub fn scan_base(cache: &Cache) -> Result<Base> {
     let mut base = Base::default();
     let items = fsutil::list(cache.base_dir())
         .with_context(|| format!("cannot read {}", cache.base_dir().display()))?;
-    for (name, path, meta) in items {
+    let files: BTreeSet<&str> = items
+        .iter()
+        .filter(|(_, _, m)| m.is_file())
+        .map(|(n, _, _)| n.as_str())
+        .collect();
+    let orphan_of = |name: &str| {
+        name.strip_suffix(cache::RECORD_SUFFIX)
+            .filter(|stem| classify(stem).is_some() && !files.contains(stem))
+            .map(str::to_owned)
+    };
+    let mut orphans = Vec::new();
+    for (name, path, meta) in &items {
+        let (name, path) = (name.clone(), path.clone());
         if !meta.is_file() {
             continue;
         }
@@ -167,182 +182,22 @@ pub fn scan_base(cache: &Cache) -> Result<Base> {
                 allocated: meta.blocks() * 512,
                 mtime,
             });
+        } else if let Some(owner) = orphan_of(&name) {
+            orphans.push(Temp {
+                entry: owner,
+                file: name.clone(),
+                path,
+                size: meta.len(),
+                allocated: meta.blocks() * 512,
+                mtime,
+            });
         }
     }
+    base.orphans = orphans;
+    base.orphans.sort_by(|a, b| a.file.cmp(&b.file));
     base.entries.sort_by(|a, b| a.name.cmp(&b.name));
     base.temps.sort_by(|a, b| a.file.cmp(&b.file));
     Ok(base)
-}
-
-/// Which entries are in use, and by which instances.
-#[derive(Debug, Default)]
-pub struct Usage {
-    /// Entry name → instance directory names (or `--keep` for kept ids).
-    pub users: BTreeMap<String, BTreeSet<String>>,
-    /// Instance directories scanned.
-    pub instances: usize,
-    /// Things that could not be read (reported, never fatal).
-    pub warnings: Vec<String>,
-}
-
-impl Usage {
-    /// True if some instance (or `--keep`) uses the entry. Resized variants of an image in use
-    /// are in use too, as in Nova.
-    pub fn in_use(&self, entry: &str) -> bool {
-        if self.users.contains_key(entry) {
-            return true;
-        }
-        match entry.split_once('_') {
-            Some((original, _)) if is_hex40(original) => self.users.contains_key(original),
-            _ => false,
-        }
-    }
-
-    /// Number of users of an entry.
-    pub fn count(&self, entry: &str) -> usize {
-        self.users.get(entry).map_or(0, BTreeSet::len)
-    }
-
-    fn add(&mut self, entry: String, user: &str) {
-        self.users.entry(entry).or_default().insert(user.to_owned());
-    }
-}
-
-/// Scans every instance directory of the cache, plus the ids to keep.
-pub fn scan_usage(cache: &Cache, keep_ids: &[String]) -> Result<Usage> {
-    let mut usage = Usage::default();
-    for id in keep_ids {
-        usage.add(cache::entry_name(id), "--keep");
-    }
-    let root = cache.instances_dir();
-    let items = fsutil::list(root).with_context(|| format!("cannot read {}", root.display()))?;
-    let base_dir = cache.base_dir();
-    for (name, path, meta) in items {
-        // Real directories only: a symlinked instance dir is never followed.
-        if path == base_dir || path == cache.locks_dir() || !meta.is_dir() {
-            continue;
-        }
-        usage.instances += 1;
-        let record = instance::read_record(&path);
-        let mut raw = declared_raw(&path);
-        if let Some(record) = record {
-            raw.extend(
-                record
-                    .disks
-                    .iter()
-                    .filter(|(_, d)| d.format == "raw" || d.format == "file")
-                    .map(|(file, _)| file.clone()),
-            );
-            for b in record.bases {
-                usage.add(b, &name);
-            }
-        }
-        scan_instance_disks(&path, &name, base_dir, &raw, &mut usage);
-    }
-    Ok(usage)
-}
-
-/// Reads the backing file of every qcow2 in an instance directory.
-fn scan_instance_disks(
-    dir: &Path,
-    instance: &str,
-    base_dir: &Path,
-    raw: &BTreeSet<String>,
-    usage: &mut Usage,
-) {
-    let Ok(items) = fsutil::list(dir) else {
-        usage
-            .warnings
-            .push(format!("cannot read {}", dir.display()));
-        return;
-    };
-    for (name, path, _) in items {
-        // A raw disk's first bytes are the guest's: a qcow2 header a guest wrote there names no
-        // backing file of ours.
-        if raw.contains(&name) {
-            continue;
-        }
-        let mut disk = path;
-        for _ in 0..MAX_CHAIN {
-            let Some(backing) = backing_of(&disk, usage) else {
-                break;
-            };
-            let Some(resolved) = resolve(&disk, &backing) else {
-                usage.warnings.push(format!(
-                    "{}: backing file {backing:?} is not a local path; not followed",
-                    disk.display()
-                ));
-                break;
-            };
-            if resolved.parent() == Some(base_dir) {
-                if let Some(n) = resolved.file_name() {
-                    usage.add(n.to_string_lossy().into_owned(), instance);
-                }
-                break;
-            }
-            // A chain inside the instance directory (snapshots): follow it, nothing elsewhere.
-            if resolved.parent() != Some(dir) {
-                break;
-            }
-            disk = resolved;
-        }
-    }
-}
-
-/// Files Nova's `disk.info` (`{"<path>": "raw"|"qcow2"|...}`) says are not qcow2, by name.
-fn declared_raw(dir: &Path) -> BTreeSet<String> {
-    let info: Option<BTreeMap<String, String>> =
-        fsutil::read_json(&dir.join(instance::DISK_INFO_FILE));
-    info.into_iter()
-        .flatten()
-        .filter(|(_, format)| format != "qcow2")
-        .filter_map(|(path, _)| {
-            Path::new(&path)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        })
-        .collect()
-}
-
-/// The backing file named in a regular file's qcow2 header.
-fn backing_of(path: &Path, usage: &mut Usage) -> Option<String> {
-    if !fsutil::is_regular(path) {
-        return None;
-    }
-    // A disk deleted mid-scan (Nova bug 1261442) or unreadable is skipped, not fatal; a FIFO
-    // or symlink swapped in meanwhile is refused by the open, never followed or blocked on.
-    let file = match fsutil::open_regular(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            usage
-                .warnings
-                .push(format!("cannot read {}: {e}", path.display()));
-            return None;
-        }
-    };
-    let src = inspect::Source::new(&file).ok()?;
-    qcow2::backing_file(&src).ok().flatten()
-}
-
-/// Resolves a backing name against the disk's directory, lexically (no symlinks followed).
-/// `None` for protocol names (`json:{...}`, `nbd:`...).
-fn resolve(disk: &Path, backing: &str) -> Option<PathBuf> {
-    if backing.starts_with("json:") || (backing.contains(':') && !backing.starts_with('/')) {
-        return None;
-    }
-    let joined = disk.parent()?.join(backing);
-    let mut out = PathBuf::new();
-    for c in joined.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    Some(out)
 }
 
 /// Reads ids to keep from a file (`-` = stdin): one per line, `#` comments and blanks ignored.
@@ -404,24 +259,5 @@ mod tests {
         assert_eq!(temp_owner("random.part"), None);
         assert_eq!(temp_owner(&format!(".{h}.info.tmp-0123abcd")), Some(h));
         assert_eq!(temp_owner(".notes.info.tmp-0123abcd"), None);
-    }
-
-    #[test]
-    fn backing_names_resolve_lexically() {
-        let disk = Path::new("/i/vm1/disk");
-        assert_eq!(
-            resolve(disk, "/i/_base/x"),
-            Some(PathBuf::from("/i/_base/x"))
-        );
-        assert_eq!(
-            resolve(disk, "../_base/x"),
-            Some(PathBuf::from("/i/_base/x"))
-        );
-        assert_eq!(
-            resolve(disk, "disk.snap"),
-            Some(PathBuf::from("/i/vm1/disk.snap"))
-        );
-        assert_eq!(resolve(disk, "json:{\"file\":{}}"), None);
-        assert_eq!(resolve(disk, "nbd://h/x"), None);
     }
 }
