@@ -39,6 +39,9 @@ pub enum Kind {
     Untrusted,
     /// Glance (or Keystone) answered with something that is not its API: a malformed record.
     Protocol,
+    /// `list`, `prune`, `verify`: the instances path does not exist (a typo in a cron line);
+    /// `--allow-missing` treats it as empty.
+    NoInstancesPath,
 }
 
 impl Kind {
@@ -60,6 +63,7 @@ impl Kind {
             Kind::NotWritable => 14,
             Kind::Untrusted => 15,
             Kind::Protocol => 16,
+            Kind::NoInstancesPath => 18,
         }
     }
 
@@ -81,6 +85,7 @@ impl Kind {
             Kind::NotWritable => "not-writable",
             Kind::Untrusted => "untrusted",
             Kind::Protocol => "protocol",
+            Kind::NoInstancesPath => "no-instances-path",
         }
     }
 }
@@ -105,7 +110,24 @@ Exit codes:
   14  the cache directory is not writable (read-only filesystem, permission denied)
   15  a symlink, FIFO or other non-regular file sits where the cache expects its own file
   16  Glance answered something that is not its API (a malformed image record)
+  18  list/prune/verify: the instances path does not exist (--allow-missing: treat as empty)
 With several image ids, the exit code is that of the first failed id in command-line order.";
+
+/// The instances path given to a command that only reads a cache does not exist.
+#[derive(Debug)]
+pub struct NoInstancesPath(pub String);
+
+impl fmt::Display for NoInstancesPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "instances path {} does not exist; check --instances-path (or IMGCACHE_INSTANCES_PATH, instances_path in the configuration file), or pass --allow-missing if it is a new host",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NoInstancesPath {}
 
 /// A usage error raised after argument parsing (for example an invalid image id).
 #[derive(Debug)]

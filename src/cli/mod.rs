@@ -117,6 +117,10 @@ pub enum ConfigCommand {
 /// `imgcache prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
+    /// The instances path may not exist yet (a new host): treat it as an empty cache instead
+    /// of failing with exit code 18.
+    #[arg(long)]
+    pub allow_missing: bool,
     /// Unused original images (and kernels, ramdisks) older than this are removed (Nova's
     /// remove_unused_original_minimum_age_seconds). Age = time since last in use.
     #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
@@ -132,8 +136,9 @@ pub struct PruneArgs {
     pub temp_age: Duration,
 
     /// After the age pass, remove unused entries least recently used first until the cache's
-    /// allocated size is at most SIZE (e.g. 200G). Exit 13 if entries in use alone exceed it.
-    #[arg(long, value_name = "SIZE")]
+    /// allocated size is at most SIZE (e.g. 200G) or a share of the filesystem's size (e.g.
+    /// 80%). Exit 13 if entries in use alone exceed it.
+    #[arg(long, value_name = "SIZE|N%")]
     pub max_size: Option<String>,
 
     /// Treat this image id as in use (repeatable).
@@ -190,6 +195,11 @@ pub struct ListArgs {
     /// One JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+
+    /// The instances path may not exist yet (a new host): treat it as an empty cache instead
+    /// of failing with exit code 18.
+    #[arg(long)]
+    pub allow_missing: bool,
 }
 
 /// `imgcache verify`.
@@ -198,6 +208,11 @@ pub struct VerifyArgs {
     /// Image ids to verify (default: every entry).
     #[arg(value_name = "ID")]
     pub ids: Vec<String>,
+
+    /// The instances path may not exist yet (a new host): treat it as an empty cache instead
+    /// of failing with exit code 18.
+    #[arg(long)]
+    pub allow_missing: bool,
 
     /// Delete corrupt entries (under their lock) so the next fetch gets them again.
     #[arg(long)]

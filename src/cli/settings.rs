@@ -27,6 +27,18 @@ fn cache(global: &Global) -> Result<Cache> {
 }
 
 /// `imgcache fetch`.
+/// The cache of a command that only reads one (`list`, `prune`, `verify`): its instances path
+/// must exist unless `allow_missing` (a typo in a cron line is an error, not an empty cache).
+fn existing_cache(global: &Global, allow_missing: bool) -> Result<Cache> {
+    let cache = cache(global)?;
+    if !allow_missing && !cache.instances_dir().is_dir() {
+        return Err(
+            crate::error::NoInstancesPath(cache.instances_dir().display().to_string()).into(),
+        );
+    }
+    Ok(cache)
+}
+
 pub fn fetch(global: &Global, args: FetchArgs) -> Result<fetch::Request> {
     Ok(fetch::Request {
         cache: cache(global)?,
@@ -96,10 +108,10 @@ pub fn prune(global: &Global, args: PruneArgs) -> Result<prune::Request> {
     let max_size = args
         .max_size
         .as_deref()
-        .map(|s| parse_size("--max-size", s))
+        .map(|s| crate::units::parse_reserve("--max-size", s))
         .transpose()?;
     Ok(prune::Request {
-        cache: cache(global)?,
+        cache: existing_cache(global, args.allow_missing)?,
         ages: prune::Ages {
             original: args.min_age,
             resized: args.min_age_resized,
@@ -118,7 +130,7 @@ pub fn prune(global: &Global, args: PruneArgs) -> Result<prune::Request> {
 /// `imgcache list`.
 pub fn list(global: &Global, args: ListArgs) -> Result<list::Request> {
     Ok(list::Request {
-        cache: cache(global)?,
+        cache: existing_cache(global, args.allow_missing)?,
         json: args.json,
     })
 }
@@ -126,7 +138,7 @@ pub fn list(global: &Global, args: ListArgs) -> Result<list::Request> {
 /// `imgcache verify`.
 pub fn verify(global: &Global, args: VerifyArgs) -> Result<verify::Request> {
     Ok(verify::Request {
-        cache: cache(global)?,
+        cache: existing_cache(global, args.allow_missing)?,
         ids: args.ids,
         remove_corrupt: args.remove_corrupt,
         lock_timeout: args.lock_timeout,

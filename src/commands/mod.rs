@@ -40,6 +40,9 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     if cause.is::<UsageError>() {
         return Some(Kind::Usage);
     }
+    if cause.is::<error::NoInstancesPath>() {
+        return Some(Kind::NoInstancesPath);
+    }
     if let Some(e) = cause.downcast_ref::<Classified>() {
         return Some(e.kind);
     }

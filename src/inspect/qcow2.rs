@@ -69,7 +69,16 @@ pub fn backing_file(src: &Source<'_>) -> Result<Option<String>, super::Error> {
         return Ok(None);
     }
     // qemu limits backing file names to 1023 bytes.
-    let name = src.read(offset, size.min(1023) as usize)?;
+    let want = size.min(1023) as usize;
+    let name = src.read(offset, want)?;
+    if name.len() < want {
+        // The header names a backing file the file does not hold (a truncated disk): unknown.
+        return Err(Error::Truncated {
+            have: src.len(),
+            need: offset + want as u64,
+        }
+        .into());
+    }
     Ok(Some(String::from_utf8_lossy(&name).into_owned()))
 }
 

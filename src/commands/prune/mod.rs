@@ -12,7 +12,7 @@ mod report;
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::Outcome;
 use crate::cache::{self, Cache};
@@ -20,7 +20,7 @@ use crate::fsutil;
 use crate::progress::{self, Reporter};
 use crate::rbd::Cluster;
 use crate::scan::{self, Usage};
-use crate::units::{ago, human, idle};
+use crate::units::{Reserve, ago, human, idle};
 pub use decide::Ages;
 use decide::{Survivor, Verdict};
 use remove::Pruner;
@@ -36,7 +36,8 @@ pub struct Request {
     pub ages: Ages,
     /// `.part` / `.converted` files untouched this long are removed.
     pub temp_age: Duration,
-    pub max_size: Option<u64>,
+    /// Bytes, or a percentage of the cache filesystem's size (`80%`).
+    pub max_size: Option<Reserve>,
     /// Image ids to treat as in use.
     pub keep: Vec<String>,
     /// A file (`-` = stdin) with more ids to keep.
@@ -81,7 +82,12 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
     let allocated_before: u64 = base.entries.iter().map(|e| e.allocated).sum::<u64>()
         + base.temps.iter().map(|t| t.allocated).sum::<u64>();
     let mut entries = age_pass(&req, &mut pruner, &base.entries, &usage)?;
-    let over = match req.max_size {
+    let max_size = match req.max_size {
+        Some(Reserve::Bytes(b)) => Some(b),
+        Some(r) => Some(r.of(filesystem_size(cache)?)),
+        None => None,
+    };
+    let over = match max_size {
         Some(max) if usage.doubts.is_empty() => {
             size_pass(&mut pruner, &base.entries, &usage, &mut entries, max)?
         }
@@ -107,7 +113,7 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         freed_bytes: pruner.freed,
         allocated_before,
         allocated_after: allocated_before.saturating_sub(pruner.freed),
-        max_size: req.max_size,
+        max_size,
         over_max_size: over,
         warnings: usage.warnings.clone(),
         quiet: req.quiet,
@@ -116,7 +122,7 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
     if over {
         rep.warn(&format!(
             "entries in use alone exceed --max-size {}: {} remain",
-            req.max_size.map(human).unwrap_or_default(),
+            max_size.map(human).unwrap_or_default(),
             human(report.allocated_after)
         ));
         return Ok(Outcome::Partial(OVER_MAX_SIZE));
@@ -271,6 +277,21 @@ fn users_text(usage: &Usage, name: &str) -> String {
         Some(u) => format!("{} instances", u.len()),
         None => "the image it was resized from".into(),
     }
+}
+
+/// Size of the filesystem holding `_base` (or the instances path), for `--max-size N%`.
+fn filesystem_size(cache: &Cache) -> Result<u64> {
+    let dir = if cache.base_dir().is_dir() {
+        cache.base_dir()
+    } else {
+        cache.instances_dir()
+    };
+    fs2::total_space(dir).with_context(|| {
+        format!(
+            "cannot read the size of the filesystem of {} for --max-size",
+            dir.display()
+        )
+    })
 }
 
 /// Says what the usage scan could not read; with doubts, that no entry is removed.
