@@ -77,8 +77,21 @@ pub fn locate(explicit: Option<PathBuf>) -> Option<(PathBuf, bool)> {
 
 /// Reads and checks a configuration file: TOML, known keys only.
 pub fn load(path: &Path) -> Result<File> {
-    let bytes = crate::fsutil::read_operator_file(path, MAX_FILE)
-        .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+    let bytes = match crate::fsutil::read_operator_file(path, MAX_FILE) {
+        Ok(b) => b,
+        // A path the operator named (--config, IMGCACHE_CONFIG) that is not there is a typo.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(UsageError(format!(
+                "configuration file {} does not exist; check --config or IMGCACHE_CONFIG",
+                path.display()
+            ))
+            .into());
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("cannot read configuration file {}", path.display())));
+        }
+    };
     let text = String::from_utf8_lossy(&bytes);
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         UsageError(format!(
@@ -104,12 +117,63 @@ pub fn load(path: &Path) -> Result<File> {
             ))
             .into());
         }
+        validate(&k, &v, path)?;
         values.insert(k, v);
     }
     Ok(File {
         path: path.to_owned(),
         values,
     })
+}
+
+/// Checks a value with the very parser its flag uses (and, for sizes the commands parse later,
+/// with that parser), so `jobs = "four"` is an error naming the key whatever command runs.
+fn validate(key: &str, value: &toml::Value, path: &Path) -> Result<(), UsageError> {
+    let Some(flag) = as_flag(key, value, path)? else {
+        return Ok(());
+    };
+    let Some((_, text)) = flag.split_once('=') else {
+        return Ok(());
+    };
+    let bad = |why: &str| {
+        UsageError(format!(
+            "configuration file {}: {key} = {text:?}: {why}",
+            path.display()
+        ))
+    };
+    let cmd = Cli::command();
+    let id = arg_id(key);
+    if let Some(arg) = cmd
+        .get_arguments()
+        .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
+        .find(|a| a.get_id() == id)
+    {
+        // The flag alone in a command of its own: its parser, range and possible values.
+        clap::Command::new("imgcache")
+            .arg(arg.clone().required(false).global(false))
+            .try_get_matches_from(["imgcache", flag.as_str()])
+            .map_err(|e| bad(&clap_reason(&e)))?;
+    }
+    let checked = match key {
+        "max_virtual_size" | "max_image_size" | "min_rate" => {
+            crate::units::parse_size(key, text).map(drop)
+        }
+        "min_free" | "max_size" => crate::units::parse_reserve(key, text).map(drop),
+        _ => Ok(()),
+    };
+    checked.map_err(|e| bad(&e.0))
+}
+
+/// The reason in a clap value error, without its "error:" prefix and help footer.
+fn clap_reason(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // "invalid value 'four' for '--jobs <N>': invalid digit found in string"
+    match first.rsplit_once("': ") {
+        Some((_, why)) => why.to_owned(),
+        None => first.to_owned(),
+    }
 }
 
 /// Largest configuration file read.
@@ -243,7 +307,7 @@ pub fn explicit_path(argv: &[OsString]) -> Option<PathBuf> {
 /// the command line's (before the file was applied); `file` the configuration file, if any.
 pub fn effective(matches: &ArgMatches, file: Option<&File>) -> Report {
     let cmd = Cli::command();
-    let settings = KEYS
+    let settings: Vec<Setting> = KEYS
         .iter()
         .filter_map(|key| {
             let id = arg_id(key);
@@ -255,9 +319,55 @@ pub fn effective(matches: &ArgMatches, file: Option<&File>) -> Report {
             Some(Setting { key, value, source })
         })
         .collect();
+    let value = |key: &str| {
+        settings
+            .iter()
+            .find(|s| s.key == key)
+            .and_then(|s| s.value.clone())
+    };
+    let auth = crate::openstack::describe_auth(&crate::openstack::Flags {
+        cloud: value("os_cloud"),
+        glance_url: value("glance_url"),
+        ..Default::default()
+    });
     Report {
         config_file: file.map(|f| f.path.display().to_string()),
+        auth,
         settings,
+    }
+}
+
+/// Defaults that live outside clap: the catalog interface, and what the Ceph tools use when
+/// imgcache passes nothing (`CEPH_CONF`, `CEPH_ARGS`, then Ceph's own defaults).
+fn implicit(key: &str) -> Option<(String, String)> {
+    let ceph_arg = |names: &[&str]| {
+        let args = std::env::var("CEPH_ARGS").ok()?;
+        let words: Vec<&str> = args.split_whitespace().collect();
+        words.iter().enumerate().find_map(|(i, w)| {
+            names.iter().find_map(|n| {
+                w.strip_prefix(&format!("{n}="))
+                    .map(str::to_owned)
+                    .or_else(|| (w == n).then(|| words.get(i + 1).map(|v| v.to_string()))?)
+            })
+        })
+    };
+    match key {
+        "os_interface" => Some(("public".into(), "default".into())),
+        "ceph_conf" => match std::env::var("CEPH_CONF").ok().filter(|v| !v.is_empty()) {
+            Some(v) => Some((v, "env:CEPH_CONF".into())),
+            None => Some((
+                crate::rbd::DEFAULT_CEPH_CONF.into(),
+                "default (Ceph's)".into(),
+            )),
+        },
+        "ceph_id" => match ceph_arg(&["--id", "-i"]) {
+            Some(v) => Some((v, "env:CEPH_ARGS".into())),
+            None => ceph_arg(&["--name", "-n"])
+                .map(|n| (n, "env:CEPH_ARGS".into()))
+                .or_else(|| Some(("admin".into(), "default (Ceph's)".into()))),
+        },
+        "ceph_keyring" => ceph_arg(&["--keyring", "-k"]).map(|v| (v, "env:CEPH_ARGS".into())),
+        _ => None,
     }
 }
 
@@ -308,6 +418,8 @@ fn raw_value_and_source(
         .collect();
     if key == "force_raw" {
         (Some("true".into()), "default".into())
+    } else if let Some((value, source)) = implicit(key) {
+        (Some(value), source)
     } else if arg.get_action().takes_values() && default.is_empty() {
         (None, "unset".into())
     } else if default.is_empty() {

@@ -64,7 +64,7 @@ pub const ENOENT: i32 = 2;
 pub const EEXIST: i32 = 17;
 pub const EBUSY: i32 = 16;
 
-/// Default Ceph configuration when none is given.
+/// The Ceph tools' own default configuration when neither `--ceph-conf` nor `CEPH_CONF` is given.
 pub const DEFAULT_CEPH_CONF: &str = "/etc/ceph/ceph.conf";
 
 /// A cluster and the pools imgcache uses in it.
@@ -80,7 +80,8 @@ pub struct Cluster {
 /// How to reach the cluster.
 #[derive(Debug, Clone)]
 pub struct Rbd {
-    pub conf: PathBuf,
+    /// `-c FILE`; `None` leaves it to the Ceph tools (`CEPH_CONF`, then /etc/ceph/ceph.conf).
+    pub conf: Option<PathBuf>,
     pub id: Option<String>,
     pub keyring: Option<PathBuf>,
     pub timeout: Duration,
@@ -94,7 +95,9 @@ impl Rbd {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(tool));
         let mut cmd = Command::new(bin);
-        cmd.arg("-c").arg(&self.conf);
+        if let Some(conf) = &self.conf {
+            cmd.arg("-c").arg(conf);
+        }
         if let Some(id) = &self.id {
             cmd.args(["--id", id]);
         }
@@ -313,7 +316,7 @@ mod tests {
     #[test]
     fn missing_tool_names_the_package() {
         let r = Rbd {
-            conf: "/nonexistent".into(),
+            conf: Some("/nonexistent".into()),
             id: None,
             keyring: None,
             timeout: Duration::from_secs(1),

@@ -2,8 +2,6 @@
 //! built, fetch options and Glance access assembled, clap's value enums mapped onto the domain's
 //! types. Every problem here is a usage error naming the flag.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 
 use super::{
@@ -118,7 +116,7 @@ pub fn prune(global: &Global, args: PruneArgs) -> Result<prune::Request> {
         },
         temp_age: args.temp_age,
         max_size,
-        rbd: args.rbd.ceph_conf.is_some().then(|| cluster(&args.rbd)),
+        rbd: (args.rbd.ceph_conf.is_some() || env_set("CEPH_CONF")).then(|| cluster(&args.rbd)),
         keep: args.keep,
         keep_from: args.keep_from,
         dry_run: args.dry_run,
@@ -218,10 +216,9 @@ fn access(args: &GlanceArgs) -> openstack::Access {
 fn cluster(args: &RbdArgs) -> rbd::Cluster {
     rbd::Cluster {
         rbd: rbd::Rbd {
-            conf: args
-                .ceph_conf
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(rbd::DEFAULT_CEPH_CONF)),
+            // Without --ceph-conf the Ceph tools find their configuration the Ceph way
+            // (CEPH_CONF, then /etc/ceph/ceph.conf) and read CEPH_ARGS (--id, --keyring).
+            conf: args.ceph_conf.clone(),
             id: args.ceph_id.clone(),
             keyring: args.ceph_keyring.clone(),
             timeout: args.rbd_timeout,
@@ -229,6 +226,10 @@ fn cluster(args: &RbdArgs) -> rbd::Cluster {
         images_pool: args.images_pool.clone(),
         instances_pool: args.instances_pool.clone(),
     }
+}
+
+fn env_set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty())
 }
 
 /// A size that must be a whole number of `unit`s (Nova's ephemeral_gb, swap MiB).

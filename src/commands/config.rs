@@ -15,7 +15,7 @@ use crate::progress::{self, Render};
 pub struct Setting {
     pub key: &'static str,
     pub value: Option<String>,
-    /// `flag`, `env:<VAR>`, `file:<path>`, `default`, or `unset`.
+    /// `flag`, `env:<VAR>`, `file:<path>`, `default`, `default (Ceph's)`, or `unset`.
     pub source: String,
 }
 
@@ -23,6 +23,8 @@ pub struct Setting {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub config_file: Option<String>,
+    /// The authentication a Glance command would use, in words (never a secret).
+    pub auth: String,
     pub settings: Vec<Setting>,
 }
 
@@ -33,6 +35,7 @@ impl Render for Report {
             "# configuration file: {}",
             self.config_file.as_deref().unwrap_or("(none)")
         )?;
+        writeln!(out, "# authentication: {}", self.auth)?;
         for r in &self.settings {
             writeln!(
                 out,

@@ -169,6 +169,56 @@ pub fn endpoint(c: &Credentials, http: &HttpSettings) -> Result<Endpoint, anyhow
     })
 }
 
+/// Which authentication a command would use, in words, for `config show` (nothing is sent):
+/// `keystone password for user "admin", project "demo" at http://…`, `application credential
+/// …`, `a ready token, validated at Keystone …`, `a static token sent to Glance as is`, or `none`.
+pub fn describe_auth(flags: &Flags) -> String {
+    let c = match resolve(flags, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => return format!("unusable: {e:#}"),
+    };
+    let uses_keystone = c.auth_url.is_some()
+        && (c.password.is_some()
+            || c.application_credential_secret.is_some()
+            || (c.token.is_some() && c.image_url.is_none()));
+    let glance = match &c.image_url {
+        Some(u) => format!("Glance at {}", crate::http::redact_url(u)),
+        None => "Glance from the catalog".to_owned(),
+    };
+    if !uses_keystone {
+        return match c.token {
+            Some(_) => format!("a static token (OS_TOKEN / --token), sent to {glance} as is"),
+            None => format!("none: requests to {glance} carry no token"),
+        };
+    }
+    let at = c
+        .auth_url
+        .as_deref()
+        .map(crate::http::redact_url)
+        .unwrap_or_default();
+    let who = |name: &Option<String>, id: &Option<String>| {
+        id.as_ref()
+            .map(|i| format!("id {i}"))
+            .or_else(|| name.as_ref().map(|n| format!("{n:?}")))
+            .unwrap_or_else(|| "?".into())
+    };
+    match keystone::Method::from_credentials(&c, c.auth_type.as_deref().unwrap_or("")) {
+        Ok(keystone::Method::Password { .. }) => format!(
+            "Keystone password for user {}, project {} at {at}; {glance}",
+            who(&c.username, &c.user_id),
+            who(&c.project_name, &c.project_id)
+        ),
+        Ok(keystone::Method::ApplicationCredential { .. }) => format!(
+            "Keystone application credential {} at {at}; {glance}",
+            who(&c.application_credential_name, &c.application_credential_id)
+        ),
+        Ok(keystone::Method::Token(_)) => {
+            format!("a ready token, validated at Keystone {at} for its catalog; {glance}")
+        }
+        Err(e) => format!("unusable: {e}"),
+    }
+}
+
 /// How to reach Glance, as the command line gave it: the credential sources and the HTTP
 /// settings. Resolved (environment, clouds.yaml, Keystone) only when a command needs Glance.
 #[derive(Debug, Clone)]
