@@ -286,17 +286,15 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str) {
         let info = qemu_info(&inst.join("disk"), "qcow2");
         assert_eq!(info["backing-filename"], base.to_str().expect("utf8"));
     }
-    let same = ["compare", "-q", "-f", "raw", "-F", "raw"];
-    qemu_img(
-        &[
-            &same[..],
-            &[
-                base.to_str().expect("utf8"),
-                guest.root.to_str().expect("utf8"),
-            ],
-        ]
-        .concat(),
+    let (b, root) = (
+        base.to_str().expect("utf8"),
+        guest.root.to_str().expect("utf8"),
     );
+    qemu_img(&["compare", "-q", "-f", "raw", "-F", "raw", b, root]);
+    for (f, want) in [("kernel", &guest.kernel), ("ramdisk", &guest.initrd)] {
+        let same = std::fs::read(inst.join(f)).expect(f) == std::fs::read(want).expect("guest");
+        assert!(same, "{f} differs from {}", want.display());
+    }
     let disk_info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(inst.join("disk.info")).expect("disk.info"))
             .expect("disk.info json");
