@@ -318,42 +318,45 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str) {
     );
     assert!(before.contains_key("swap_64"), "{before:?}");
 
-    // --- config drive (see config_drive)
+    // Config drive: a disk.config made here stands in for the one `create --config-drive` makes.
     let config = config_drive(tmp.path(), instance);
 
     let console = boot(&inst, &disks, &[config], &tmp.path().join("console.log"));
     let rep = report(&console);
-    let line = |key: &str| {
+    let get = |key: &str, field: &str| -> String {
         rep.get(key)
-            .unwrap_or_else(|| panic!("no {key} line\n--- console\n{console}"))
+            .and_then(|fields| fields.get(field))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {field}= in a {key} line\n--- console\n{console}"))
     };
     assert!(!rep.contains_key("BOOT-FAIL"), "{console}");
-    let ok = line("BOOT-OK");
-    assert!(ok["kernel"].ends_with("-cloud-amd64"), "{console}");
-    assert_eq!(ok["root"], "/dev/vda", "{console}");
-    assert_eq!(ok["rootfs"], "ext4", "{console}");
-    assert_eq!(ok["size"], (64 * MIB).to_string(), "{console}");
-    let write = line("ROOT-WRITE");
-    assert_eq!(write["file"], "/boot-marker", "{console}");
-    let eph = line("EPHEMERAL");
-    assert_eq!(eph["fs"], "ext4", "{console}");
-    assert_eq!(eph["size"], (1 << 30).to_string(), "{console}");
-    assert_eq!(eph["write"], "ok", "{console}");
-    let swap = line("SWAP");
-    assert_eq!(swap["size"], (64 * MIB).to_string(), "{console}");
     assert!(
-        swap["kib"].parse::<u64>().is_ok_and(|k| k > 60 * 1024),
+        get("BOOT-OK", "kernel").ends_with("-cloud-amd64"),
         "{console}"
     );
-    let devs = [&ok["root"], &eph["dev"], &swap["dev"]];
+    assert_eq!(get("BOOT-OK", "root"), "/dev/vda", "{console}");
+    assert_eq!(get("BOOT-OK", "rootfs"), "ext4", "{console}");
+    assert_eq!(get("BOOT-OK", "size"), (64 * MIB).to_string(), "{console}");
+    assert_eq!(get("ROOT-WRITE", "file"), "/boot-marker", "{console}");
+    assert_eq!(get("EPHEMERAL", "dev"), "/dev/vdb", "{console}");
+    assert_eq!(get("EPHEMERAL", "fs"), "ext4", "{console}");
     assert_eq!(
-        devs.map(|d| d.as_str()),
-        ["/dev/vda", "/dev/vdb", "/dev/vdc"]
+        get("EPHEMERAL", "size"),
+        (1u64 << 30).to_string(),
+        "{console}"
     );
-    let cfg = line("CONFIG-2");
-    assert_eq!(cfg["fs"], "iso9660", "{console}");
-    assert_eq!(cfg["uuid"], instance, "{console}");
-    line("BOOT-DONE");
+    assert_eq!(get("EPHEMERAL", "write"), "ok", "{console}");
+    assert_eq!(get("SWAP", "dev"), "/dev/vdc", "{console}");
+    assert_eq!(get("SWAP", "size"), (64 * MIB).to_string(), "{console}");
+    let swap_kib = get("SWAP", "kib");
+    assert!(
+        swap_kib.parse::<u64>().is_ok_and(|k| k > 60 * 1024),
+        "{console}"
+    );
+    assert_eq!(get("CONFIG-2", "dev"), "/dev/vdd", "{console}");
+    assert_eq!(get("CONFIG-2", "fs"), "iso9660", "{console}");
+    assert_eq!(get("CONFIG-2", "uuid"), instance, "{console}");
+    assert!(rep.contains_key("BOOT-DONE"), "{console}");
 
     // The write is in the instance's disk, and in nothing of the cache.
     let root_raw = if backend == "qcow2" {
