@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -174,6 +175,14 @@ fn boot(inst: &Path, disks: &[(PathBuf, String)], extra: &[PathBuf], log: &Path)
             "file={},format=raw,if=virtio,readonly=on",
             path.display()
         ));
+    }
+    // A test binary killed mid-boot (a CI timeout) takes its QEMU with it.
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
     let mut child = cmd
         .stdin(Stdio::null())
