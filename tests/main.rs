@@ -3,6 +3,7 @@
 
 mod support;
 
+mod boot;
 mod cli;
 mod concurrency;
 mod config;
