@@ -50,10 +50,14 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), UsageError> {
     };
     match problem {
         None => Ok(()),
-        Some(p) => Err(UsageError(format!(
-            "invalid {what} {:?}: {p}; pass the id exactly as Glance shows it",
-            id
-        ))),
+        Some(p) => {
+            let fix = if what.contains("image") {
+                "pass the id exactly as Glance shows it"
+            } else {
+                "pass a plain name (an instance's UUID), not a path"
+            };
+            Err(UsageError(format!("invalid {what} {id:?}: {p}; {fix}")))
+        }
     }
 }
 

@@ -31,6 +31,10 @@ pub enum Error {
     )]
     Auth { url: String, status: u16 },
     #[error(
+        "Glance refused the request for {url} ({status}) and no token was sent: give credentials (OS_AUTH_URL with OS_PASSWORD or an application credential, --os-cloud, or --token / OS_AUTH_TOKEN)"
+    )]
+    NoToken { url: String, status: u16 },
+    #[error(
         "image {id} has no data in Glance (204 No Content); it may still be uploading or its stored file is missing — ask the image owner to upload it again"
     )]
     NoData { id: String },
@@ -76,7 +80,7 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::NotFound { .. } => Kind::NotFound,
-            Error::Auth { .. } => Kind::Auth,
+            Error::Auth { .. } | Error::NoToken { .. } => Kind::Auth,
             Error::NoData { .. } => Kind::NotUsable,
             Error::Status { .. }
             | Error::Transport { .. }
@@ -281,7 +285,7 @@ impl Client {
             });
         }
         if !status.is_success() {
-            return Err(status_error(&self.shown(&url), resp));
+            return Err(status_error(&self.shown(&url), resp, self.auth.is_some()));
         }
         let bytes = http::read_capped(resp, http::MAX_DOCUMENT).map_err(|e| Error::BadRecord {
             id: id.to_owned(),
@@ -331,7 +335,7 @@ impl Client {
                 id: id.to_owned(),
                 url: self.shown_base.clone(),
             }),
-            _ => Err(status_error(&self.shown(&url), resp)),
+            _ => Err(status_error(&self.shown(&url), resp, self.auth.is_some())),
         }
     }
 }
@@ -359,7 +363,7 @@ fn credentials(e: Classified) -> Error {
     }
 }
 
-fn status_error(url: &str, resp: Response) -> Error {
+fn status_error(url: &str, resp: Response, token_sent: bool) -> Error {
     let status = resp.status().as_u16();
     if resp.status().is_redirection() {
         let location = resp
@@ -372,6 +376,12 @@ fn status_error(url: &str, resp: Response) -> Error {
             url: url.to_owned(),
             status,
             location,
+        };
+    }
+    if (status == 401 || status == 403) && !token_sent {
+        return Error::NoToken {
+            url: url.to_owned(),
+            status,
         };
     }
     if status == 401 || status == 403 {

@@ -113,22 +113,44 @@ impl HttpSettings {
 /// One line naming what went wrong with a request: reqwest's Display omits the cause ("error
 /// sending request"), so the chain is included (connection refused, timed out, certificate).
 pub fn describe(e: &reqwest::Error) -> String {
-    let mut detail = String::from(if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "response body failed"
-    } else {
-        "request failed"
-    });
+    let mut chain = Vec::new();
+    let mut io = None;
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
+        chain.push(s.to_string());
+        if let Some(i) = s.downcast_ref::<std::io::Error>() {
+            io = Some(i.kind());
+        }
         source = s.source();
     }
-    detail
+    let all = chain.join(": ").to_ascii_lowercase();
+    let innermost = chain.last().cloned().unwrap_or_else(|| e.to_string());
+    use std::io::ErrorKind as K;
+    if e.is_timeout() || io == Some(K::TimedOut) {
+        return "timed out (no answer within --connect-timeout / --read-timeout)".into();
+    }
+    match io {
+        Some(K::ConnectionRefused) => {
+            return "connection refused: nothing listens at that address and port (is the service running, is the URL's port right?)".into();
+        }
+        Some(K::ConnectionReset) => return "the connection was reset by the other side".into(),
+        Some(K::UnexpectedEof) | Some(K::ConnectionAborted) => {
+            return "the connection was closed before the answer was complete".into();
+        }
+        _ => {}
+    }
+    if all.contains("dns error") || all.contains("failed to lookup address") {
+        return "the host name does not resolve (check the URL and the host's DNS)".into();
+    }
+    if all.contains("certificate") || all.contains("tls") {
+        return format!(
+            "TLS failed: {innermost}; pass --cacert with the CA that signed the server's certificate"
+        );
+    }
+    if e.is_body() || e.is_decode() {
+        return format!("the response body failed: {innermost}");
+    }
+    innermost
 }
 
 /// Reads a response body of at most `limit` bytes. A longer body is an error (`InvalidData`),

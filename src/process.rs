@@ -25,7 +25,7 @@ pub enum Error {
         program: String,
         source: std::io::Error,
     },
-    #[error("`{shown}` timed out after {}s", .after.as_secs())]
+    #[error("`{shown}` timed out after {}", crate::units::round_duration(*.after))]
     Timeout { shown: String, after: Duration },
     /// The watch passed to [`run_watched`] asked to stop it.
     #[error("`{shown}` was stopped: {why}")]

@@ -17,6 +17,11 @@ pub fn parse_size(what: &str, s: &str) -> Result<u64, UsageError> {
         ))
     };
     let n: u64 = num.parse().map_err(|_| bad("no number"))?;
+    if unit.starts_with(['.', ',']) {
+        return Err(bad(
+            "sizes are whole numbers (1.5G is not one; write 1536M)",
+        ));
+    }
     let shift = match unit {
         "" | "B" => 0,
         "K" | "k" | "KiB" => 10,
@@ -24,7 +29,7 @@ pub fn parse_size(what: &str, s: &str) -> Result<u64, UsageError> {
         "G" | "GiB" => 30,
         "T" | "TiB" => 40,
         "KB" | "MB" | "GB" | "TB" => return Err(bad("decimal units are ambiguous")),
-        _ => return Err(bad("unknown unit")),
+        _ => return Err(bad(&format!("unknown unit {unit:?}"))),
     };
     n.checked_mul(1u64 << shift).ok_or_else(|| bad("too large"))
 }
@@ -203,6 +208,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
+        let e = parse_size("--size", "1.5G").unwrap_err().0;
+        assert!(e.contains("whole numbers") && e.contains("1536M"), "{e}");
         for s in ["", "G", "-1G", "1.5G", "20GB", "3X", "99999999999T"] {
             let e = parse_size("size", s).unwrap_err().to_string();
             assert!(e.starts_with("invalid size"), "{s}: {e}");

@@ -129,18 +129,27 @@ impl Rows<'_> {
 
 impl Render for Listing {
     fn text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        // The entry column fits the longest name (a `.part` or `.info` is longer than a sha1).
+        let width = self
+            .entries
+            .iter()
+            .chain(&self.temps)
+            .map(|r| r.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(40);
         writeln!(
             out,
-            "{:<9} {:<42} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
+            "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
             "TYPE", "ENTRY", "IMAGE ID", "NAME", "FROM", "SIZE", "ALLOCATED", "IDLE", "USERS"
         )?;
         for r in self.entries.iter().chain(&self.temps) {
             writeln!(
                 out,
-                "{:<9} {:<42} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
+                "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
                 r.kind,
-                r.name,
-                r.image_id.as_deref().unwrap_or("-"),
+                printable(&r.name),
+                r.image_id.as_deref().map(printable).unwrap_or_else(|| "-".into()),
                 r.image_name
                     .as_deref()
                     .map(|n| printable(n).chars().take(20).collect::<String>())
@@ -154,12 +163,17 @@ impl Render for Listing {
         }
         writeln!(
             out,
-            "{} entries, {} temp files: {} apparent, {} allocated; {} instance(s)",
-            self.entries.len(),
-            self.temps.len(),
+            "{}, {}: {} apparent, {} allocated; {}",
+            count(self.entries.len(), "entry", "entries"),
+            count(self.temps.len(), "temp file", "temp files"),
             human(self.total_size),
             human(self.total_allocated),
-            self.instances
+            count(self.instances, "instance", "instances")
         )
     }
+}
+
+/// `1 entry`, `2 entries`.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

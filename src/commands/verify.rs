@@ -43,6 +43,8 @@ enum Status {
 #[derive(Serialize)]
 struct Item {
     name: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
     image_id: Option<String>,
     status: Status,
     detail: String,
@@ -51,10 +53,30 @@ struct Item {
 #[derive(Serialize)]
 struct Report {
     entries: Vec<Item>,
+    checked: usize,
+    ok: usize,
+    corrupt: usize,
+    missing: usize,
+}
+
+impl Report {
+    fn new(entries: Vec<Item>) -> Report {
+        let count = |f: fn(Status) -> bool| entries.iter().filter(|i| f(i.status)).count();
+        Report {
+            checked: entries.len(),
+            ok: count(|s| s == Status::Ok),
+            corrupt: count(|s| matches!(s, Status::Corrupt | Status::Removed)),
+            missing: count(|s| s == Status::Missing),
+            entries,
+        }
+    }
 }
 
 impl Render for Report {
     fn text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.entries.is_empty() {
+            return writeln!(out, "nothing to verify: the cache has no entries");
+        }
         for i in &self.entries {
             let status = serde_json::to_value(i.status)
                 .ok()
@@ -85,6 +107,7 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         if !base.entries.iter().any(|e| &e.name == name) {
             entries.push(Item {
                 name: name.clone(),
+                kind: "image",
                 image_id: Some(id.clone()),
                 status: Status::Missing,
                 detail: "not in the cache".into(),
@@ -104,7 +127,7 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
             Status::Corrupt | Status::Removed | Status::Missing
         )
     });
-    progress::print(&Report { entries }, req.json)?;
+    progress::print(&Report::new(entries), req.json)?;
     Ok(if bad {
         Outcome::Partial(Kind::Integrity.exit_code())
     } else {
@@ -117,6 +140,7 @@ fn check(req: &Request, e: &scan::Entry, rep: &dyn Reporter) -> Result<Item> {
     let Some(record) = &e.record else {
         return Ok(Item {
             name: e.name.clone(),
+            kind: e.kind.name(),
             image_id: None,
             status: Status::Unverifiable,
             detail: format!(
@@ -153,6 +177,7 @@ fn check(req: &Request, e: &scan::Entry, rep: &dyn Reporter) -> Result<Item> {
     };
     Ok(Item {
         name: e.name.clone(),
+        kind: e.kind.name(),
         image_id: Some(record.image_id.clone()),
         status,
         detail,

@@ -215,8 +215,27 @@ impl Job<'_> {
         else {
             return Ok(Existing::Absent);
         };
+        let file = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let previous = self
+            .inst
+            .read_record()
+            .and_then(|r| r.disks.get(&file).cloned());
         let why = if !meta.is_file() {
             Some("is not a regular file".to_owned())
+        } else if let Some(prev) = previous.filter(|p| p.base != base.name) {
+            // Name the image first: a disk of another image is the difference that matters.
+            let what = |image: &Option<String>, name: &str| match image {
+                Some(id) => format!("image {id}"),
+                None => name.to_owned(),
+            };
+            Some(format!(
+                "was made from {}, not {}",
+                what(&prev.image_id, &prev.base),
+                what(&base.image_id, &base.name)
+            ))
         } else {
             match backend {
                 Backend::Raw => differs_raw(target, meta.len(), size, &self.req.opts.limits)?,

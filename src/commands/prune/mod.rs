@@ -110,6 +110,8 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         temps,
         rbd,
         lock_files_removed,
+        lock_files_removed_json: (!req.dry_run).then_some(lock_files_removed),
+        lock_files_would_remove: req.dry_run.then_some(lock_files_removed),
         freed_bytes: pruner.freed,
         allocated_before,
         allocated_after: allocated_before.saturating_sub(pruner.freed),

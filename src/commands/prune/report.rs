@@ -53,7 +53,13 @@ pub struct Report {
     pub temps: Vec<Item>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rbd: Vec<Item>,
+    /// Stale lock files removed (`lock_files_would_remove` with `--dry-run`).
+    #[serde(skip)]
     pub lock_files_removed: usize,
+    #[serde(rename = "lock_files_removed", skip_serializing_if = "Option::is_none")]
+    pub lock_files_removed_json: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_files_would_remove: Option<usize>,
     pub freed_bytes: u64,
     pub allocated_before: u64,
     pub allocated_after: u64,
