@@ -14,6 +14,7 @@ mod fetch_real;
 mod fuzz_inspect;
 mod hostile;
 mod keystone;
+mod nova;
 mod prune;
 mod rbd;
 mod resources;
