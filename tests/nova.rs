@@ -82,6 +82,45 @@ fn nova_instance(root: &Path, uuid: &str, disks: &[(&str, &Path)]) -> PathBuf {
     dir
 }
 
+/// `mount --bind SRC` on a fresh temp dir, unmounted on drop (tests run as root, as CI does).
+struct BindMount {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl BindMount {
+    #[track_caller]
+    fn new(src: &Path) -> BindMount {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(src)
+            .arg(dir.path())
+            .status()
+            .expect("mount (tests need root)");
+        assert!(st.success(), "mount --bind failed: these tests need root");
+        BindMount { dir: Some(dir) }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map(|d| d.path()).unwrap()
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(self.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Never let TempDir's removal walk into a still-mounted instances path.
+            if let Some(d) = self.dir.take() {
+                let _ = d.keep();
+            }
+        }
+    }
+}
+
 fn lock_file(cache: &Cache, prefix: &str, name: &str) -> PathBuf {
     cache
         .instances()
@@ -180,9 +219,14 @@ fn novas_fetch_to_raw_alone_makes_the_entry_once() {
 #[test]
 fn fetch_waits_for_novas_lock_and_times_out_with_exit_8() {
     let id = "nova-lock-fetch";
-    let srv = FaultServer::start(Image::raw(id, test_bytes(256 << 10, 61)));
+    let data = test_bytes(256 << 10, 61);
+    let srv = FaultServer::start(Image::raw(id, data.clone()));
     let cache = Cache::new();
     let name = entry_name(id);
+    // A download Nova (or a killed imgcache) left half done: not to be resumed under Nova's lock.
+    let part = base_file(&cache, &format!("{name}.part"), 0, 0);
+    std::fs::write(&part, &data[..64 << 10]).unwrap();
+    let part_mtime = mtime(&part);
     let held = NovaLock::hold(cache.instances(), &name);
     let r = run_guarded(
         cache.fetch(&srv.url).args(["--lock-timeout", "500ms", id]),
@@ -196,6 +240,10 @@ fn fetch_waits_for_novas_lock_and_times_out_with_exit_8() {
         "nothing is downloaded while Nova holds the lock"
     );
     assert!(!cache.base().join(&name).exists());
+    assert!(
+        std::fs::read(&part).unwrap() == data[..64 << 10] && mtime(&part) == part_mtime,
+        "the .part under Nova's lock was touched"
+    );
     held.release();
 
     let r = run_guarded(cache.fetch(&srv.url).arg(id), GUARD);
@@ -533,13 +581,14 @@ fn prune_keeps_what_nova_made_instances_use() {
     let ids = [
         "nova-made-symlinked",
         "nova-made-dotted",
+        "nova-made-bind",
         "nova-made-flat",
         "nova-made-resized",
         "nova-made-unused",
     ];
-    let [symlinked, dotted, flat, resized, unused] = ids.map(entry_name);
+    let [symlinked, dotted, bound, flat, resized, unused] = ids.map(entry_name);
     let mib = 1 << 20;
-    for n in [&symlinked, &dotted, &flat, &resized, &unused] {
+    for n in [&symlinked, &dotted, &bound, &flat, &resized, &unused] {
         base_file(&cache, n, mib, 3 * DAY);
     }
     let resized_variant = format!("{resized}_20");
@@ -558,11 +607,18 @@ fn prune_keeps_what_nova_made_instances_use() {
         "i-symlinked",
         &[("disk", &alias.join("_base").join(&symlinked))],
     );
-    // One whose backing path is another spelling of the same file (a bind-mount-like alias).
+    // One whose backing path is another spelling of the same file.
     nova_instance(
         &inst,
         "i-dotted",
         &[("disk", &inst.join("_base/../_base/.").join(&dotted))],
+    );
+    // One made while the instances path was reached through a bind mount.
+    let bind = BindMount::new(&inst);
+    nova_instance(
+        &inst,
+        "i-bind",
+        &[("disk", &bind.path().join("_base").join(&bound))],
     );
     // Flat (raw copy) instance: nothing links the disk to its base but the domain's metadata.
     let flat_dir = inst.join("i-flat");
@@ -596,8 +652,8 @@ fn prune_keeps_what_nova_made_instances_use() {
   </devices>
 </domain>
 "#,
-            ids[2],
-            ids[2],
+            ids[3],
+            ids[3],
             flat_dir.join("disk").display()
         ),
     )
@@ -620,6 +676,7 @@ fn prune_keeps_what_nova_made_instances_use() {
     for (what, name) in [
         ("backing file spelled through a symlink", symlinked.clone()),
         ("backing file spelled with ./..", dotted.clone()),
+        ("backing file spelled through a bind mount", bound.clone()),
         ("Flat instance named in libvirt.xml", flat.clone()),
         ("resized legacy base in use", resized_variant.clone()),
         ("original of a resized base in use", resized.clone()),
@@ -637,7 +694,7 @@ fn prune_keeps_what_nova_made_instances_use() {
         wrong.push("kept a record whose entry is gone".to_owned());
     }
     assert!(wrong.is_empty(), "prune {wrong:?}: {v}");
-    for d in ["i-symlinked", "i-dotted", "i-templates"] {
+    for d in ["i-symlinked", "i-dotted", "i-bind", "i-templates"] {
         let disk = inst.join(d).join("disk");
         qemu_img(&["check", "-q", "-f", "qcow2", disk.to_str().unwrap()]);
     }
