@@ -408,25 +408,29 @@ fn templates_wait_for_novas_lock() {
 struct Tree {
     cache: Cache,
     /// Image ids: raw (used by instance A), qcow2 (used by B), raw (unused), raw (used by an
-    /// instance imgcache made, not in Nova's database).
+    /// instance imgcache made, not in Nova's database), kernel and ramdisk (of A).
     raw: String,
     qcow: String,
     unused: String,
     by_imgcache: String,
+    kernel: String,
+    ramdisk: String,
     db: serde_json::Value,
 }
 
 fn tree(tag: &str) -> Tree {
     let g = real();
     let tmp = tempfile::tempdir().unwrap();
-    let upload_raw = |name: &str, seed: u64| {
-        let f = tmp.path().join(format!("{name}.raw"));
+    let upload = |name: &str, format: &str, seed: u64| {
+        let f = tmp.path().join(format!("{name}.{format}"));
         std::fs::write(&f, test_bytes(1 << 20, seed)).unwrap();
-        g.upload(&format!("{tag}-{name}"), "raw", &f)
+        g.upload(&format!("{tag}-{name}"), format, &f)
     };
-    let raw = upload_raw("raw", 71);
-    let unused = upload_raw("unused", 72);
-    let by_imgcache = upload_raw("by-imgcache", 73);
+    let raw = upload("raw", "raw", 71);
+    let unused = upload("unused", "raw", 72);
+    let by_imgcache = upload("by-imgcache", "raw", 73);
+    let kernel = upload("kernel", "aki", 75);
+    let ramdisk = upload("ramdisk", "ari", 76);
     let (_, q) = make_qcow2(tmp.path(), "qcow", &test_bytes(2 << 20, 74));
     let qcow = g.upload(&format!("{tag}-qcow"), "qcow2", &q);
 
@@ -434,7 +438,7 @@ fn tree(tag: &str) -> Tree {
     run_guarded(
         cache
             .fetch(&g.url)
-            .args([&raw, &qcow, &unused, &by_imgcache]),
+            .args([&raw, &qcow, &unused, &by_imgcache, &kernel, &ramdisk]),
         GUARD,
     )
     .assert_code(0);
@@ -462,11 +466,14 @@ fn tree(tag: &str) -> Tree {
     std::fs::write(&swap, vec![0u8; 64 << 20]).unwrap();
     let a = "0d6a3b0c-0000-4000-8000-00000000000a";
     let b = "0d6a3b0c-0000-4000-8000-00000000000b";
-    nova_instance(
+    let dir_a = nova_instance(
         cache.instances(),
         a,
         &[("disk", &base.join(entry_name(&raw)))],
     );
+    // Nova copies the kernel and ramdisk into the instance directory.
+    std::fs::copy(base.join(entry_name(&kernel)), dir_a.join("kernel")).unwrap();
+    std::fs::copy(base.join(entry_name(&ramdisk)), dir_a.join("ramdisk")).unwrap();
     nova_instance(
         cache.instances(),
         b,
@@ -481,7 +488,8 @@ fn tree(tag: &str) -> Tree {
         age(&base.join(f), 3 * DAY);
     }
     let db = serde_json::json!([
-        {"uuid": a, "image_ref": raw, "os_type": "linux"},
+        {"uuid": a, "image_ref": raw, "kernel_id": kernel, "ramdisk_id": ramdisk,
+         "os_type": "linux"},
         {"uuid": b, "image_ref": qcow, "os_type": "linux", "ephemeral_gb": 1, "swap_mb": 64},
     ]);
     Tree {
@@ -490,6 +498,8 @@ fn tree(tag: &str) -> Tree {
         qcow,
         unused,
         by_imgcache,
+        kernel,
+        ramdisk,
         db,
     }
 }
@@ -509,6 +519,8 @@ fn novas_cache_manager_removes_the_unused_base_and_nothing_in_use() {
     for used in [
         entry_name(&t.raw),
         entry_name(&t.qcow),
+        entry_name(&t.kernel),
+        entry_name(&t.ramdisk),
         nova_ephemeral(1),
         "swap_64".to_owned(),
     ] {
