@@ -258,9 +258,10 @@ fn fetch_waits_for_novas_lock_and_times_out_with_exit_8() {
 #[test]
 fn nova_cannot_take_the_lock_while_imgcache_fetches() {
     let id = "nova-lock-reverse";
-    let srv = FaultServer::start(Image::raw(id, test_bytes(2 << 20, 62)));
-    // 32 chunks of 64 KiB, one per 40 ms: the fetch takes over a second.
-    srv.pace(Some(Duration::from_millis(40)));
+    let srv = FaultServer::start(Image::raw(id, test_bytes(4 << 20, 62)));
+    // 64 chunks of 64 KiB, one per 60 ms: the fetch takes about 4 s, longer than the probes
+    // (a Python start each) on a busy machine.
+    srv.pace(Some(Duration::from_millis(60)));
     let cache = Cache::new();
     let name = entry_name(id);
     let child = cache
@@ -276,6 +277,11 @@ fn nova_cannot_take_the_lock_while_imgcache_fetches() {
     let nova_lock = lock_file(&cache, "nova-", &name);
     let ofd = nova::ofd_conflict(&nova_lock);
     let own = nova::flock_held(&lock_file(&cache, "imgcache-", &name));
+    let mut child = child;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the fetch ended before the probes did: slow the server down further"
+    );
     let out = child.wait_with_output().unwrap();
     assert_exit_ok(&out);
     assert!(
