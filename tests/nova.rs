@@ -462,14 +462,10 @@ fn tree(tag: &str) -> Tree {
     let base = cache.base();
     let eph = base.join(nova_ephemeral(1));
     let swap = base.join("swap_64");
-    std::fs::write(&eph, b"").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&eph)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
-    std::fs::write(&swap, vec![0u8; 64 << 20]).unwrap();
+    // Sparse stand-ins for Nova's mkfs/mkswap output: its cache manager goes by names and mtimes.
+    for (t, len) in [(&eph, 1u64 << 30), (&swap, 64 << 20)] {
+        std::fs::File::create(t).unwrap().set_len(len).unwrap();
+    }
     let a = "0d6a3b0c-0000-4000-8000-00000000000a";
     let b = "0d6a3b0c-0000-4000-8000-00000000000b";
     let dir_a = nova_instance(
