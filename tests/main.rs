@@ -15,6 +15,7 @@ mod fetch_real;
 mod fuzz_inspect;
 mod hostile;
 mod keystone;
+mod nova;
 mod operator;
 mod prune;
 mod rbd;

@@ -2,6 +2,7 @@
 
 pub mod fault_server;
 pub mod glance;
+pub mod nova;
 pub mod proxy;
 pub mod service;
 
