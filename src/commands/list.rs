@@ -149,7 +149,10 @@ impl Render for Listing {
                 "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
                 r.kind,
                 printable(&r.name),
-                r.image_id.as_deref().map(printable).unwrap_or_else(|| "-".into()),
+                r.image_id
+                    .as_deref()
+                    .map(printable)
+                    .unwrap_or_else(|| "-".into()),
                 r.image_name
                     .as_deref()
                     .map(|n| printable(n).chars().take(20).collect::<String>())
