@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod concurrency;
 mod config;
+mod configdrive;
 mod corpus;
 mod crash;
 mod create;
