@@ -444,3 +444,31 @@ mod base64_decode {
         out
     }
 }
+
+#[test]
+fn config_drive_format_comes_from_the_configuration_file_unless_flagged() {
+    let g = real();
+    let cache = Cache::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("imgcache.toml");
+    std::fs::write(&cfg, "config_drive_format = \"vfat\"\n").unwrap();
+    for (inst, flag, want) in [
+        ("vm-cd-file", None, "vfat"),
+        ("vm-cd-flag", Some("iso9660"), "iso9660"),
+    ] {
+        // The global --config goes before the subcommand.
+        let create = cache.create(&g.url, inst, image());
+        let args: Vec<_> = create.get_args().map(|a| a.to_owned()).collect();
+        let mut cmd = imgcache();
+        cmd.arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .arg("--config-drive");
+        if let Some(f) = flag {
+            cmd.args(["--config-drive-format", f]);
+        }
+        run(&mut cmd).assert_code(0);
+        let drive = cache.instances().join(inst).join("disk.config");
+        assert_eq!(blkid(&drive, "TYPE"), want, "{inst}");
+    }
+}
