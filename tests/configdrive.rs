@@ -207,6 +207,17 @@ fn config_drives_in_both_formats_are_read_by_cloud_init() {
         assert_eq!(blkid(&drive, "TYPE"), format);
         if format == "vfat" {
             assert_eq!(std::fs::metadata(&drive).unwrap().len(), 64 << 20);
+        } else {
+            // Nova's ISO: Rock Ridge and Joliet directory records.
+            let o = Command::new("isoinfo")
+                .arg("-d")
+                .arg("-i")
+                .arg(&drive)
+                .output();
+            let d = String::from_utf8_lossy(&o.unwrap().stdout).into_owned();
+            assert!(d.contains("Volume id: config-2"), "{d}");
+            assert!(d.contains("Joliet with UCS level"), "{d}");
+            assert!(d.contains("Rock Ridge signatures"), "{d}");
         }
         let out = tempfile::tempdir().unwrap();
         extract(&drive, format, out.path());

@@ -42,7 +42,7 @@ impl Spec {
     /// A digest of every input (never of the random seeds): equal digests, equal requests.
     pub fn fingerprint(&self) -> String {
         let doc = json!({ "layout": LAYOUT, "spec": self });
-        let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+        let bytes = to_json(&doc);
         format!("sha256:{}", hex::encode(openssl::sha::sha256(&bytes)))
     }
 
@@ -169,6 +169,7 @@ impl Spec {
     }
 }
 
+/// JSON bytes. Serializing maps with string keys, strings and numbers cannot fail.
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
