@@ -41,8 +41,15 @@ const VICTORIA: &str = "2020-10-14";
 impl Spec {
     /// A digest of every input (never of the random seeds): equal digests, equal requests.
     pub fn fingerprint(&self) -> String {
-        let doc = json!({ "layout": LAYOUT, "spec": self });
-        let bytes = to_json(&doc);
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            layout: u32,
+            spec: &'a Spec,
+        }
+        let bytes = to_json(&Doc {
+            layout: LAYOUT,
+            spec: self,
+        });
         format!("sha256:{}", hex::encode(openssl::sha::sha256(&bytes)))
     }
 
