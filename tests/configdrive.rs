@@ -190,13 +190,20 @@ fn config_drives_in_both_formats_are_read_by_cloud_init() {
     let g = real();
     let cache = Cache::new();
     let inputs = Inputs::new();
+    let private = inputs.dir.path().join("tmpdir");
+    std::fs::create_dir(&private).unwrap();
     for format in ["iso9660", "vfat"] {
         let inst = format!("vm-cd-{format}");
         let r = run(cache
             .create(&g.url, &inst, image())
             .args(inputs.args())
-            .args(["--config-drive-format", format]));
+            .args(["--config-drive-format", format])
+            .env("TMPDIR", &private));
         r.assert_code(0);
+        assert!(
+            Cache::files_in(&private).is_empty(),
+            "build tree left behind"
+        );
         let dir = cache.instances().join(&inst);
         let drive = dir.join("disk.config");
         assert!(r.stdout.contains(drive.to_str().unwrap()), "{}", r.stdout);
