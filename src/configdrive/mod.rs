@@ -120,8 +120,14 @@ pub fn make(dir: &Path, spec: &Spec, force: bool) -> Result<(Outcome, u64)> {
         size,
         content,
     };
-    fsutil::write_json(&info_path, &info)
-        .with_context(|| format!("cannot write {}", info_path.display()))?;
+    if let Err(e) = fsutil::write_json(&info_path, &info) {
+        // A drive without its record would be a conflict on the next run: one this run
+        // created goes again.
+        if outcome == Outcome::Created {
+            let _ = fsutil::remove_own(&target);
+        }
+        return Err(anyhow::Error::new(e).context(format!("cannot write {}", info_path.display())));
+    }
     Ok((outcome, size))
 }
 
