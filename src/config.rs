@@ -53,6 +53,7 @@ pub const KEYS: &[&str] = &[
     "instances_pool",
     "rbd_timeout",
     "keep_local_base",
+    "config_drive_format",
 ];
 
 /// A loaded configuration file.

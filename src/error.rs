@@ -104,7 +104,7 @@ Exit codes:
   8   timed out waiting for a cache lock (--lock-timeout)
   9   no space left in the cache filesystem
   10  Glance refused the credentials (401/403)
-  11  qemu-img (or mkfs/mkswap) missing or failed
+  11  qemu-img (or mkfs/mkswap, genisoimage/mcopy) missing or failed
   12  an instance disk exists and differs from the request (use --force)
   13  prune: entries in use alone exceed --max-size
   14  the cache directory is not writable (read-only filesystem, permission denied)

@@ -3,18 +3,20 @@
 //! The modules stand on five floors; each imports only from floors below it
 //! (docs/ARCHITECTURE.md):
 //! 5 interface (`cli`, `config`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
-//! `instance`, `scan`, `templates`, `disk`, `fetch`), 2 adapters (`inspect`, `qemu_img`, `rbd`,
-//! `glance`, `openstack`), 1 ground (`error`, `units`, `digest`, `fsutil`, `process`, `lock`,
+//! `instance`, `scan`, `templates`, `disk`, `fetch`, `configdrive`), 2 adapters (`inspect`,
+//! `qemu_img`, `rbd`, `glance`, `openstack`, `fsimage`), 1 ground (`error`, `units`, `digest`, `fsutil`, `process`, `lock`,
 //! `progress`, `http`).
 
 pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod configdrive;
 pub mod digest;
 pub mod disk;
 pub mod error;
 pub mod fetch;
+pub mod fsimage;
 pub mod fsutil;
 pub mod glance;
 pub mod http;

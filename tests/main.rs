@@ -7,6 +7,7 @@ mod boot;
 mod cli;
 mod concurrency;
 mod config;
+mod configdrive;
 mod corpus;
 mod crash;
 mod create;

@@ -465,9 +465,65 @@ pub struct CreateArgs {
     #[command(flatten)]
     pub fetch: FetchOpts,
 
+    #[command(flatten)]
+    pub config_drive: ConfigDriveArgs,
+
     /// One JSON document on stdout instead of lines.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The config drive of `imgcache create` (`disk.config`, Nova's config drive). Every content
+/// flag needs `--config-drive`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Config drive")]
+pub struct ConfigDriveArgs {
+    /// Make the config drive `<instance>/disk.config` (label config-2), read by cloud-init.
+    #[arg(long)]
+    pub config_drive: bool,
+
+    /// Filesystem of the config drive (Nova's config_drive_format).
+    #[arg(long, value_enum, default_value_t = ConfigDriveFormatArg::Iso9660)]
+    pub config_drive_format: ConfigDriveFormatArg,
+
+    /// User data (cloud-config, a script), at most 49149 bytes (Nova's 65535 base64 characters).
+    #[arg(long, value_name = "FILE", requires = "config_drive")]
+    pub user_data: Option<PathBuf>,
+
+    /// A JSON object merged over the meta_data.json fields imgcache fills in.
+    #[arg(long, value_name = "FILE", requires = "config_drive")]
+    pub meta_data: Option<PathBuf>,
+
+    /// network_data.json (JSON); `{}` when absent.
+    #[arg(long, value_name = "FILE", requires = "config_drive")]
+    pub network_data: Option<PathBuf>,
+
+    /// vendor_data.json (JSON); `{}` when absent.
+    #[arg(long, value_name = "FILE", requires = "config_drive")]
+    pub vendor_data: Option<PathBuf>,
+
+    /// The guest's hostname; default: the instance name, sanitized as Nova does.
+    #[arg(long, value_name = "NAME", requires = "config_drive", value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub hostname: Option<std::ffi::OsString>,
+
+    /// A public key for public_keys, from an OpenSSH public key file (repeatable).
+    #[arg(long, value_name = "NAME=FILE", requires = "config_drive", value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub ssh_key: Vec<std::ffi::OsString>,
+
+    /// A key of meta_data.json's `meta` (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", requires = "config_drive")]
+    pub meta: Vec<String>,
+
+    /// A file to inject at an absolute guest path (Nova's personality files; repeatable).
+    #[arg(long, value_name = "GUEST_PATH=LOCAL_FILE", requires = "config_drive", value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub file: Vec<std::ffi::OsString>,
+}
+
+/// Config drive filesystems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigDriveFormatArg {
+    Iso9660,
+    Vfat,
 }
 
 /// `imgcache delete`.

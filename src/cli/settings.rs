@@ -5,11 +5,12 @@
 use anyhow::Result;
 
 use super::{
-    BackendArg, CreateArgs, DeleteArgs, FetchArgs, FetchOpts, FsArg, GlanceArgs, Global,
-    InspectArgs, ListArgs, PruneArgs, RbdArgs, VerifyArgs,
+    BackendArg, ConfigDriveArgs, ConfigDriveFormatArg, CreateArgs, DeleteArgs, FetchArgs,
+    FetchOpts, FsArg, GlanceArgs, Global, InspectArgs, ListArgs, PruneArgs, RbdArgs, VerifyArgs,
 };
 use crate::cache::Cache;
 use crate::commands::{create, delete, fetch, inspect, list, prune, verify};
+use crate::configdrive;
 use crate::error::UsageError;
 use crate::fetch::Options;
 use crate::fetch::download::MinRate;
@@ -61,6 +62,7 @@ pub fn create(global: &Global, args: CreateArgs) -> Result<create::Request> {
         .as_deref()
         .map(|s| whole_units("--swap", s, 20, "MiB"))
         .transpose()?;
+    let config_drive = config_drive(&args.instance, &args.config_drive)?;
     Ok(create::Request {
         cache: cache(global)?,
         opts: fetch_options(&args.glance, &args.fetch)?,
@@ -86,8 +88,32 @@ pub fn create(global: &Global, args: CreateArgs) -> Result<create::Request> {
         preallocate: args.preallocate,
         force: args.force,
         keep_local_base: args.keep_local_base,
+        config_drive,
         json: args.json,
     })
+}
+
+/// The config drive's contents, read and checked now: a bad input fails before anything is
+/// fetched or made.
+fn config_drive(instance: &str, args: &ConfigDriveArgs) -> Result<Option<configdrive::Spec>> {
+    if !args.config_drive {
+        return Ok(None);
+    }
+    let flags = configdrive::Flags {
+        format: match args.config_drive_format {
+            ConfigDriveFormatArg::Iso9660 => configdrive::Format::Iso9660,
+            ConfigDriveFormatArg::Vfat => configdrive::Format::Vfat,
+        },
+        user_data: args.user_data.clone(),
+        meta_data: args.meta_data.clone(),
+        network_data: args.network_data.clone(),
+        vendor_data: args.vendor_data.clone(),
+        hostname: args.hostname.clone(),
+        ssh_keys: args.ssh_key.clone(),
+        meta: args.meta.clone(),
+        files: args.file.clone(),
+    };
+    configdrive::Spec::load(instance, &flags).map(Some)
 }
 
 /// `imgcache delete`.

@@ -56,6 +56,8 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
         crate::openstack::keystone::Error,
         crate::rbd::Error,
         crate::templates::Error,
+        crate::fsimage::Error,
+        crate::configdrive::Error,
         create::Error,
     );
     cause

@@ -425,6 +425,54 @@ impl Drop for TempFile {
     }
 }
 
+/// A directory only this user can enter (mode 0700, created new under an unpredictable name
+/// `<prefix><16 hex>` in `parent`); removed with everything in it on drop. For trees built to
+/// be handed to a tool whole (the config drive's files), never for anything kept.
+#[derive(Debug)]
+pub struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates the directory; a name already taken is tried again with another.
+    pub fn new(parent: &Path, prefix: &str) -> io::Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        loop {
+            let path = parent.join(format!("{prefix}{}", random_hex()));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateDir { path }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a new file at `relative` (a path of plain components), creating the
+    /// directories on the way (0700); nothing existing is followed or overwritten.
+    pub fn write(&self, relative: &Path, bytes: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = self.path.join(relative);
+        if let Some(dir) = path.parent() {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(dir)?;
+        }
+        let mut f = create_new(&path)?;
+        f.write_all(bytes)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a [`TempFile`] beside it, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));

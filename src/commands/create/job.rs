@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cache::{self, Cache, EntryLock};
+use crate::configdrive;
 use crate::error::Kind;
 use crate::fetch;
 use crate::fsutil;
@@ -50,6 +51,8 @@ pub struct Request {
     pub force: bool,
     /// With the rbd backend: keep the local `_base` entry after importing it.
     pub keep_local_base: bool,
+    /// `--config-drive`: what goes on `disk.config`.
+    pub config_drive: Option<configdrive::Spec>,
     pub cluster: rbd::Cluster,
     pub access: openstack::Access,
     pub opts: fetch::Options,

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::Outcome;
 use crate::cache;
+use crate::configdrive;
 use crate::fsutil;
 use crate::glance;
 use crate::instance::{self, DiskRecord, Instance};
@@ -105,8 +106,40 @@ impl Job<'_> {
         }
         self.kernel_and_ramdisk(&root, &mut records, made)?;
         self.ephemeral_and_swap(backend, &mut records, made)?;
-        self.inst.write_disk_info(&records)?;
+        let mut info = records.clone();
+        if let Some(size) = self.config_drive(made)? {
+            // Listed in disk.info (raw, as Nova's), not in the usage record: it has no base.
+            info.insert(configdrive::FILE.into(), config_drive_record(size));
+        }
+        self.inst.write_disk_info(&info)?;
         self.record_usage(records, false)
+    }
+
+    /// `disk.config` when asked for (see [`configdrive::make`]); without `--config-drive` a
+    /// drive an earlier run made stays, and stays listed. Returns its size, if there is one.
+    fn config_drive(&self, made: &mut Vec<Made>) -> Result<Option<u64>> {
+        let path = self.inst.file(configdrive::FILE);
+        let Some(spec) = &self.req.config_drive else {
+            return Ok(fsutil::open_regular(&path)
+                .and_then(|f| f.metadata())
+                .ok()
+                .map(|m| m.len()));
+        };
+        let (outcome, size) = configdrive::make(&self.inst.dir, spec, self.req.force)?;
+        made.push(Made {
+            role: "config-drive",
+            path,
+            format: "raw".into(),
+            size,
+            base: Default::default(),
+            status: match outcome {
+                configdrive::Outcome::Created => Status::Created,
+                configdrive::Outcome::Replaced => Status::Replaced,
+                configdrive::Outcome::Exists => Status::Exists,
+            },
+            method: None,
+        });
+        Ok(Some(size))
     }
 
     /// Writes `imgcache.json` for these disks; `merge` keeps what the record already lists (an
@@ -138,6 +171,9 @@ impl Job<'_> {
                 let _ = self.req.cluster.rbd.rbd(&["rm", "--no-progress", disk]);
             } else {
                 let _ = fsutil::remove_own(&m.path);
+                if m.role == "config-drive" {
+                    let _ = fsutil::remove_own(&self.inst.file(configdrive::INFO_FILE));
+                }
             }
         }
         if created_dir {
@@ -192,5 +228,16 @@ impl Job<'_> {
             made.push(self.disk(("swap", "disk.swap"), &base, backend, mib << 20, records)?);
         }
         Ok(())
+    }
+}
+
+/// The config drive as a `disk.info` entry.
+fn config_drive_record(size: u64) -> DiskRecord {
+    DiskRecord {
+        format: "raw".into(),
+        size,
+        base: String::new(),
+        image_id: None,
+        rbd: None,
     }
 }
