@@ -127,25 +127,6 @@ fn ext4_file(image: &Path, path: &str) -> Option<String> {
     }
 }
 
-// Stands in for the instance's config drive (an ISO 9660 volume labelled config-2 with
-// openstack/latest/meta_data.json) until `imgcache create --config-drive` makes it.
-fn config_drive(dir: &Path, uuid: &str) -> PathBuf {
-    let tree = dir.join("config-tree");
-    let latest = tree.join("openstack/latest");
-    std::fs::create_dir_all(&latest).expect("mkdir");
-    let meta = serde_json::json!({"uuid": uuid, "name": "boot-test", "hostname": "boot-test"});
-    std::fs::write(latest.join("meta_data.json"), meta.to_string()).expect("meta_data");
-    let iso = dir.join("disk.config");
-    let out = Command::new("genisoimage")
-        .args(["-quiet", "-J", "-r", "-V", "config-2", "-o"])
-        .arg(&iso)
-        .arg(&tree)
-        .output()
-        .expect("genisoimage");
-    assert_exit_ok(&out);
-    iso
-}
-
 /// Boots QEMU (TCG) on the instance's kernel, ramdisk and disks; returns the serial console.
 /// A guest still running after [`BOOT_GUARD`] is killed and fails the test with its console.
 fn boot(inst: &Path, disks: &[(PathBuf, String)], extra: &[PathBuf], log: &Path) -> String {
@@ -253,7 +234,7 @@ fn report(console: &str) -> BTreeMap<String, BTreeMap<String, String>> {
 /// `kernel_id`/`ramdisk_id`), runs `imgcache create --backend BACKEND` with ephemeral and swap
 /// disks, boots the result and checks every line of the guest's report, that the guest's write
 /// reached the instance's disk and that no `_base` file changed.
-fn boot_instance(root_format: &str, backend: &str, instance: &str) {
+fn boot_instance(root_format: &str, backend: &str, instance: &str, drive_format: &str) {
     let g = real();
     let guest = guest();
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -284,6 +265,11 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str) {
         "1G",
         "--swap",
         "64M",
+        "--config-drive",
+        "--config-drive-format",
+        drive_format,
+        "--hostname",
+        "boot-test",
     ]));
     r.assert_code(0);
     let inst = cache.instances().join(instance);
@@ -327,8 +313,13 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str) {
     );
     assert!(before.contains_key("swap_64"), "{before:?}");
 
-    // Config drive: a disk.config made here stands in for the one `create --config-drive` makes.
-    let config = config_drive(tmp.path(), instance);
+    // The config drive `create --config-drive` made, listed in disk.info as raw.
+    let config = inst.join("disk.config");
+    assert_eq!(
+        disk_info[config.to_str().expect("utf8")],
+        "raw",
+        "{disk_info}"
+    );
 
     let console = boot(&inst, &disks, &[config], &tmp.path().join("console.log"));
     let rep = report(&console);
@@ -363,7 +354,7 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str) {
         "{console}"
     );
     assert_eq!(get("CONFIG-2", "dev"), "/dev/vdd", "{console}");
-    assert_eq!(get("CONFIG-2", "fs"), "iso9660", "{console}");
+    assert_eq!(get("CONFIG-2", "fs"), drive_format, "{console}");
     assert_eq!(get("CONFIG-2", "uuid"), instance, "{console}");
     assert!(rep.contains_key("BOOT-DONE"), "{console}");
 
@@ -391,10 +382,15 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str) {
 
 #[test]
 fn guest_boots_a_qcow2_overlay_of_a_qcow2_image() {
-    boot_instance("qcow2", "qcow2", "5b3ad4a4-5a1e-4f0e-9d57-0c1a4e3b7a01");
+    boot_instance(
+        "qcow2",
+        "qcow2",
+        "5b3ad4a4-5a1e-4f0e-9d57-0c1a4e3b7a01",
+        "iso9660",
+    );
 }
 
 #[test]
 fn guest_boots_a_raw_copy_of_a_raw_image() {
-    boot_instance("raw", "raw", "8e0c2f7d-2b6a-4c39-a1f4-7d9e5b6c3a02");
+    boot_instance("raw", "raw", "8e0c2f7d-2b6a-4c39-a1f4-7d9e5b6c3a02", "vfat");
 }

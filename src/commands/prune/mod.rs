@@ -51,14 +51,7 @@ pub struct Request {
 
 /// Runs the command.
 pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
-    let mut keep = Vec::new();
-    for id in &req.keep {
-        cache::validate_id("image id in --keep", id)?;
-        keep.push(id.clone());
-    }
-    if let Some(path) = &req.keep_from {
-        keep.extend(scan::read_keep_file(path)?);
-    }
+    let keep = kept_ids(&req)?;
     let cache = &req.cache;
     if fsutil::stat(cache.base_dir())?.is_some_and(|m| m.is_dir()) && !req.dry_run {
         cache.ensure_dirs()?;
@@ -130,6 +123,19 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         return Ok(Outcome::Partial(OVER_MAX_SIZE));
     }
     Ok(Outcome::Success)
+}
+
+/// `--keep` and `--keep-from`, checked.
+fn kept_ids(req: &Request) -> Result<Vec<String>> {
+    let mut keep = Vec::new();
+    for id in &req.keep {
+        cache::validate_id("image id in --keep", id)?;
+        keep.push(id.clone());
+    }
+    if let Some(path) = &req.keep_from {
+        keep.extend(scan::read_keep_file(path)?);
+    }
+    Ok(keep)
 }
 
 /// The age pass: one item per entry, in use / too young / removed (or busy).
