@@ -255,3 +255,52 @@ fn a_record_less_qcow2_base_is_inspected_not_assumed_raw() {
     assert!(r.stderr.contains("qcow2"), "{}", r.stderr);
     assert!(!cache.instances().join("vm-raw/disk").exists());
 }
+
+#[test]
+fn a_flat_nova_instance_is_known_by_the_domain_libvirt_keeps() {
+    let cache = Cache::new();
+    std::fs::create_dir_all(cache.base()).unwrap();
+    let base = cache.base().join(entry_name("flat-image"));
+    std::fs::write(&base, test_bytes(65536, 9)).unwrap();
+    aged(&base, 30 * 86_400);
+    let other = cache.base().join(entry_name("elsewhere"));
+    std::fs::write(&other, test_bytes(65536, 10)).unwrap();
+    aged(&other, 30 * 86_400);
+    // Nova's Flat instance: a raw copy, nothing in its directory names the image.
+    let vm = cache
+        .instances()
+        .join("3f0c9c87-0000-4000-8000-000000000001");
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::write(vm.join("disk"), test_bytes(65536, 9)).unwrap();
+    // libvirt's definition of it, spelling the instances path through a link.
+    let etc = tempfile::tempdir().unwrap();
+    let link = etc.path().join("nova-instances");
+    std::os::unix::fs::symlink(cache.instances(), &link).unwrap();
+    let domain = format!(
+        r#"<domain type="kvm"><name>instance-00000001</name><metadata>
+<nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+<nova:root type="image" uuid="flat-image"/></nova:instance></metadata>
+<devices><disk type="file" device="disk"><driver name="qemu" type="raw"/>
+<source file="{}/3f0c9c87-0000-4000-8000-000000000001/disk"/></disk>
+<disk type="file"><source file="/var/lib/other-host/x/disk"/></disk></devices></domain>"#,
+        link.display()
+    );
+    let defs = etc.path().join("qemu");
+    std::fs::create_dir_all(&defs).unwrap();
+    std::fs::write(defs.join("instance-00000001.xml"), domain).unwrap();
+    let r = run(imgcache()
+        .args(["prune", "--json", "--instances-path"])
+        .arg(cache.instances())
+        .env("IMGCACHE_LIBVIRT_DIR", &defs));
+    r.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        action(&report, "entries", &entry_name("flat-image")),
+        "kept"
+    );
+    assert_eq!(
+        action(&report, "entries", &entry_name("elsewhere")),
+        "removed"
+    );
+    assert!(base.exists());
+}

@@ -1,6 +1,6 @@
 //! Which entries instances use, whoever made them: our usage records, the backing chain of
 //! every disk matched to entries by identity (name or inode, never by how the path is spelled),
-//! Nova's `libvirt.xml`, the kernel/ramdisk copies of AMI instances, and the kernel and ramdisk
+//! Nova's domain XML (libvirt's definitions, or an instance's `libvirt.xml`), the kernel/ramdisk copies of AMI instances, and the kernel and ramdisk
 //! an image in use was recorded with. What cannot be read is a doubt, and prune removes nothing
 //! on a doubt.
 
@@ -171,17 +171,22 @@ pub fn scan_usage(cache: &Cache, keep_ids: &[String]) -> Result<Usage> {
         };
         disks.scan(&raw, &mut usage);
     }
+    libvirt_domains(cache, &mut usage);
     recorded_boot_images(cache, &mut usage);
     Ok(usage)
 }
 
-/// Image ids named in the instance's `libvirt.xml` as Nova writes its metadata:
-/// `<nova:root type="image" uuid="..."/>`.
+/// Image ids named in the instance's `libvirt.xml` (older Nova wrote one there) as Nova writes
+/// its metadata: `<nova:root type="image" uuid="..."/>`.
 fn domain_images(dir: &Path) -> Vec<String> {
-    let Ok(bytes) = fsutil::read_bounded(&dir.join("libvirt.xml"), MAX_DOMAIN_XML) else {
-        return Vec::new();
-    };
-    let text = String::from_utf8_lossy(&bytes);
+    match fsutil::read_bounded(&dir.join("libvirt.xml"), MAX_DOMAIN_XML) {
+        Ok(bytes) => root_images(&String::from_utf8_lossy(&bytes)),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The `<nova:root type="image" uuid="..."/>` ids of a domain's XML.
+fn root_images(text: &str) -> Vec<String> {
     let mut ids = Vec::new();
     for chunk in text.split("<nova:root").skip(1) {
         let tag = chunk.split('>').next().unwrap_or("");
@@ -195,6 +200,67 @@ fn domain_images(dir: &Path) -> Vec<String> {
         }
     }
     ids
+}
+
+/// Where libvirt keeps the definitions of the domains nova-compute defined on this host.
+const LIBVIRT_DIR: &str = "/etc/libvirt/qemu";
+
+/// The root image of every libvirt domain whose disks live in one of our instance
+/// directories: current Nova writes no `libvirt.xml` into the instance directory, but the
+/// domain it defines carries `<nova:root type="image" uuid=…>` — the only record of a Flat
+/// instance's image on the host. The directory is matched by identity (device and inode), so a
+/// domain that spells the instances path another way still counts. `IMGCACHE_LIBVIRT_DIR`
+/// names another definitions directory.
+fn libvirt_domains(cache: &Cache, usage: &mut Usage) {
+    let dir = std::env::var_os("IMGCACHE_LIBVIRT_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(LIBVIRT_DIR));
+    for (name, path, meta) in fsutil::list(&dir).unwrap_or_default() {
+        if !meta.is_file() || !name.ends_with(".xml") {
+            continue;
+        }
+        let Ok(bytes) = fsutil::read_bounded(&path, MAX_DOMAIN_XML) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let images = root_images(&text);
+        if images.is_empty() {
+            continue;
+        }
+        for instance in domain_instances(cache, &text) {
+            for id in &images {
+                usage.add(cache::entry_name(id), &instance);
+            }
+        }
+    }
+}
+
+/// The instance directories (of this cache) holding the disks a domain's XML names.
+fn domain_instances(cache: &Cache, text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for chunk in text.split("<source").skip(1) {
+        let tag = chunk.split('>').next().unwrap_or("");
+        let Some(file) = attribute(tag, "file") else {
+            continue;
+        };
+        let Some(parent) = Path::new(file).parent() else {
+            continue;
+        };
+        let Some(name) = parent.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let ours = cache.instances_dir().join(&name);
+        // Metadata only: the same directory, however the domain spells it.
+        let same = match (std::fs::metadata(parent), fsutil::stat(&ours)) {
+            (Ok(a), Ok(Some(b))) => b.is_dir() && a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same {
+            out.insert(name);
+        }
+    }
+    out
 }
 
 /// The value of `name="..."` (or `'...'`) in an XML tag's text.
