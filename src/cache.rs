@@ -326,6 +326,25 @@ impl EntryLock {
     pub fn nova_path(&self) -> &Path {
         self.nova.path()
     }
+
+    /// False if Nova's lock file is no longer the inode we hold: nova-compute's cache manager
+    /// deletes `locks/nova-<name>` after removing a base, and a Nova process that comes later
+    /// locks a new file — our lock no longer excludes it.
+    pub fn nova_is_current(&self) -> bool {
+        self.nova.is_current()
+    }
+
+    /// Takes Nova's lock again, on the file now at its path (waiting up to `timeout`).
+    pub fn retake_nova(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        rep: &dyn Reporter,
+    ) -> Result<(), lock::Error> {
+        let path = self.nova.path().to_owned();
+        self.nova = lock::acquire(&path, Style::Ofd, what, timeout, rep)?;
+        Ok(())
+    }
 }
 
 /// What `fetch` knows about an entry, kept in `<entry>.info` as JSON.

@@ -783,3 +783,61 @@ fn nova_fetch_to_raw_and_imgcache_fetch_download_an_image_once() {
         assert!(temps.is_empty(), "round {round}: temps left: {temps:?}");
     }
 }
+
+/// Nova's cache manager deletes `locks/nova-<name>` after removing a base; a Nova download that
+/// comes later locks a new file. A fetch holding the old inode notices before it commits,
+/// takes the new lock (waiting for that Nova), and re-reads its `.part` from disk.
+#[test]
+fn a_nova_lock_file_replaced_mid_fetch_is_retaken_and_the_download_re_read() {
+    for disturbed in [false, true] {
+        let id = format!("nova-lock-replaced-{disturbed}");
+        let data = test_bytes(2 << 20, 63);
+        let srv = FaultServer::start(Image::raw(&id, data.clone()));
+        srv.pace(Some(Duration::from_millis(40)));
+        let cache = Cache::new();
+        let name = entry_name(&id);
+        let part = cache.base().join(format!("{name}.part"));
+        let child = cache
+            .fetch(&srv.url)
+            .arg(&id)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&part);
+        let start = Instant::now();
+        while std::fs::metadata(&part).map_or(0, |m| m.len()) < 256 << 10 {
+            assert!(start.elapsed() < Duration::from_secs(20), "no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let lock = lock_file(&cache, "nova-", &name);
+        // What `lockutils.remove_external_lock_file` does, then a later Nova on a new file.
+        // (The later Nova's lockf is taken in this process: it must follow the removal at once.)
+        std::fs::remove_file(&lock).unwrap();
+        let nova = crate::support::LockfHold::take(&lock);
+        if disturbed {
+            // Nova's `open(part, 'wb')`: its own bytes where imgcache's download is.
+            std::fs::write(&part, b"nova's download").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        drop(nova);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let entry = cache.base().join(&name);
+        if disturbed {
+            assert_eq!(out.status.code(), Some(6), "{stderr}");
+            assert!(
+                !entry.exists(),
+                "a disturbed download never becomes the entry"
+            );
+            assert!(!part.exists());
+        } else {
+            assert_exit_ok(&out);
+            assert_eq!(std::fs::read(&entry).unwrap(), data);
+        }
+        assert!(
+            stderr.contains("was replaced while it was held"),
+            "{stderr}"
+        );
+    }
+}

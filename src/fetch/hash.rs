@@ -64,6 +64,23 @@ pub enum ToHasher {
 }
 
 /// The digests of a download: Glance's algorithm, and the content digest the record keeps.
+/// Glance's hash of a whole file, read from its start through our descriptor.
+pub fn hash_file(file: &std::fs::File, algo: &str) -> Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut h = GlanceHash::new(algo).ok_or_else(|| anyhow::anyhow!("unsupported hash {algo}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n])?;
+        off += n as u64;
+    }
+    Ok(h.finish_hex()?)
+}
+
 pub struct Digests {
     pub glance: String,
     pub content: String,

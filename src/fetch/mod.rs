@@ -173,7 +173,8 @@ pub fn ensure(
     // find the entry when they get the lock (16 concurrent fetches: 1.09x one fetch instead of
     // 1.42x, docs/benchmarks.md).
     cache.ensure_dirs()?;
-    let _lock = entry.lock(&format!("image {id}"), opts.lock_timeout, rep)?;
+    let lock =
+        std::cell::RefCell::new(entry.lock(&format!("image {id}"), opts.lock_timeout, rep)?);
     // Re-check under the lock: whoever held it may have just finished this very image.
     if let Some(found) = cached(id, &entry, rep)? {
         return Ok(found);
@@ -207,6 +208,7 @@ pub fn ensure(
     let bar = rep.transfer(id);
     let build = Build {
         cache,
+        lock: &lock,
         entry: &entry,
         image: &image,
         opts,
@@ -360,6 +362,7 @@ fn remove(path: &std::path::Path) -> Result<()> {
 /// One entry being built under its lock.
 struct Build<'a> {
     cache: &'a Cache,
+    lock: &'a std::cell::RefCell<crate::cache::EntryLock>,
     entry: &'a Entry<'a>,
     image: &'a Image,
     opts: &'a Options,
@@ -368,6 +371,37 @@ struct Build<'a> {
 }
 
 impl Build<'_> {
+    /// If Nova's lock file was replaced while we downloaded (nova-compute's cache manager
+    /// deletes it after removing a base, so a later Nova download locks a new file), take the
+    /// new one and re-read the `.part` from disk: a Nova that wrote the same `.part` meanwhile
+    /// makes its bytes differ from the stream we hashed. Costs one re-read, only then.
+    fn still_undisturbed(&self, file: &std::fs::File, algo: &str, expected: &str) -> Result<()> {
+        if self.lock.borrow().nova_is_current() {
+            return Ok(());
+        }
+        let id = self.image.id.as_str();
+        self.rep.warn(&format!(
+            "image {id}: Nova's lock file {} was replaced while it was held (nova-compute's cache manager removes it); taking the new one and re-reading the download",
+            self.lock.borrow().nova_path().display()
+        ));
+        self.lock.borrow_mut().retake_nova(
+            &format!("image {id}"),
+            self.opts.lock_timeout,
+            self.rep,
+        )?;
+        let got = hash::hash_file(file, algo)?;
+        if got != expected {
+            return Err(Error::Hash {
+                id: id.to_owned(),
+                algo: algo.to_owned(),
+                expected: expected.to_owned(),
+                got,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Downloads, verifies, inspects, converts and persists the entry. On failure the `.part`
     /// is removed: within a run retries already resume, and only a killed process leaves a
     /// `.part`, which the next run resumes.
@@ -406,6 +440,7 @@ impl Build<'_> {
             size as f64 / secs.max(1e-9) / 1e6
         ));
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
+            .and_then(|()| self.still_undisturbed(&file, &algo, &expected))
             .and_then(|()| self.inspect_and_persist(&file, &algo, size, &digest.content));
         if verified.is_err() {
             let _ = fsutil::remove_own(&part);
