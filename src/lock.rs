@@ -128,7 +128,7 @@ pub fn acquire(
     rep: &dyn Reporter,
 ) -> Result<FileLock, Error> {
     let start = Instant::now();
-    let mut told = false;
+    let mut spinner = None;
     let mut delay = POLL_START;
     loop {
         if let Some(lock) = try_acquire_once(path, style)? {
@@ -139,12 +139,16 @@ pub fn acquire(
                 Attempt::Stale => continue,
             }
         }
-        if !told {
-            rep.info(&format!(
-                "waiting for the lock on {what} (held by {})",
-                style.holder()
-            ));
-            told = true;
+        if spinner.is_none() {
+            let who = match (style, holder(path)) {
+                (Style::Ofd, Some(pid)) => format!("{}: {pid}", style.holder()),
+                _ => style.holder().to_owned(),
+            };
+            rep.info(&format!("waiting for the lock on {what} (held by {who})"));
+            // On a terminal: a spinner with the time waited, until we have it.
+            let s = rep.transfer(what);
+            s.stage("waiting for its lock");
+            spinner = Some(s);
         }
         let waited = start.elapsed();
         if waited >= timeout {
@@ -258,6 +262,27 @@ fn ofd_conflict(file: &File) -> std::io::Result<bool> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(i32::from(fl.l_type) != libc::F_UNLCK)
+}
+
+/// Who holds a record lock, when the kernel says: a POSIX (`lockf`) holder's pid and command,
+/// e.g. `pid 4242 (nova-compute)`. OFD holders have no pid.
+fn holder(path: &Path) -> Option<String> {
+    let file = fsutil::open_regular(path).ok()?;
+    let mut fl = whole_file(libc::F_WRLCK);
+    // SAFETY: as in `ofd_conflict`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r != 0 || i32::from(fl.l_type) == libc::F_UNLCK || fl.l_pid <= 0 {
+        return None;
+    }
+    let pid = fl.l_pid;
+    let comm = fsutil::read_operator_file(Path::new(&format!("/proc/{pid}/comm")), 64)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .filter(|c| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_graphic() || ch == ' '));
+    Some(match comm {
+        Some(c) => format!("pid {pid} ({c})"),
+        None => format!("pid {pid}"),
+    })
 }
 
 fn whole_file(l_type: libc::c_int) -> libc::flock {

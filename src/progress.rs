@@ -24,6 +24,11 @@ pub trait Reporter: Send + Sync {
     fn trace(&self, _msg: &str) {}
     /// A progress display for one transfer or step.
     fn transfer(&self, label: &str) -> Box<dyn Transfer>;
+    /// A result line on stdout, written as soon as it is known (between progress bars, which
+    /// are not torn). A closed stdout is ignored here; the command's exit tells the rest.
+    fn output(&self, line: &str) {
+        let _ = writeln!(io::stdout().lock(), "{line}");
+    }
 }
 
 /// Progress of one image.
@@ -109,23 +114,56 @@ impl Reporter for Terminal {
         }
     }
 
+    fn output(&self, line: &str) {
+        let write = || {
+            let mut out = io::stdout().lock();
+            let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+        };
+        match &self.multi {
+            Some(m) => m.suspend(write),
+            None => write(),
+        }
+    }
+
     fn transfer(&self, label: &str) -> Box<dyn Transfer> {
         let Some(multi) = &self.multi else {
             return Box::new(NoBar);
         };
         let bar = multi.add(ProgressBar::no_length());
-        bar.set_style(style(false));
-        bar.set_prefix(label.chars().take(36).collect::<String>());
+        bar.set_style(style(Shape::Spinner));
+        bar.set_prefix(short_label(label));
         bar.enable_steady_tick(Duration::from_millis(200));
         Box::new(Bar { bar })
     }
 }
 
-fn style(known: bool) -> ProgressStyle {
-    let template = if known {
-        "{prefix:36} {msg:12} [{bar:30}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12} {eta}"
-    } else {
-        "{prefix:36} {msg:12} {spinner} {binary_bytes:>10} {binary_bytes_per_sec:>12}"
+/// Labels are image ids: the first 13 characters and an ellipsis keep a bar within 80 columns.
+fn short_label(label: &str) -> String {
+    if label.chars().count() <= 14 {
+        return label.to_owned();
+    }
+    let mut s: String = label.chars().take(13).collect();
+    s.push('…');
+    s
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Bytes against a known total.
+    Bar,
+    /// Bytes without a total, or a stage that moves no bytes (converting, waiting for a
+    /// lock): a spinner with the time spent.
+    Spinner,
+}
+
+fn style(shape: Shape) -> ProgressStyle {
+    // One unit system everywhere: binary (MiB, MiB/s), as `-v` prints it too. The bar takes
+    // what is left of the terminal's width, so a line never wraps in 80 columns.
+    let template = match shape {
+        Shape::Bar => {
+            "{prefix:14} {msg:11} [{wide_bar}] {binary_bytes:>9}/{binary_total_bytes:<9} {binary_bytes_per_sec:>11}"
+        }
+        Shape::Spinner => "{prefix:14} {msg} {spinner} {elapsed} {binary_bytes:>9}",
     };
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -138,13 +176,19 @@ struct Bar {
 
 impl Transfer for Bar {
     fn stage(&self, stage: &str) {
+        // Only the download moves bytes the bar can show; later stages get a spinner and
+        // their own clock instead of a bar frozen at 100 %.
+        if stage != "downloading" && self.bar.length().is_some() {
+            self.bar.set_style(style(Shape::Spinner));
+            self.bar.reset_elapsed();
+        }
         self.bar.set_message(stage.to_owned());
     }
 
     fn set_length(&self, len: Option<u64>) {
         match len {
             Some(n) => {
-                self.bar.set_style(style(true));
+                self.bar.set_style(style(Shape::Bar));
                 self.bar.set_length(n);
             }
             None => self.bar.unset_length(),

@@ -35,7 +35,13 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         cache::validate_id("image id", id)?;
     }
     let client = glance::Client::new(&openstack::glance_settings(&req.access)?)?;
-    let results = fetch_all(&req, &client, rep);
+    // Each image's line (or error) is shown the moment it is done, not after the last one.
+    let done = |id: &str, result: &Result<Fetched>| match result {
+        Ok(f) if !req.json => rep.output(&format!("{} {}", f.id, f.path.display())),
+        Ok(_) => {}
+        Err(e) => rep.error(&failure_text(id, e)),
+    };
+    let results = fetch_all(&req, &client, rep, &done);
     let mut first_failure = None;
     let mut report = Report { images: Vec::new() };
     for (id, result) in req.ids.iter().zip(&results) {
@@ -44,25 +50,39 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
             Err(e) => {
                 let kind = kind_of(e);
                 first_failure.get_or_insert(kind.exit_code());
-                let msg = error::chain(e);
-                if msg.contains(id.as_str()) {
-                    rep.error(&msg);
-                } else {
-                    rep.error(&format!("image {id}: {msg}"));
-                }
-                report.images.push(Item::failed(id, kind, msg));
+                report
+                    .images
+                    .push(Item::failed(id, kind, failure_text(id, e)));
             }
         }
     }
-    progress::print(&report, req.json)?;
+    if req.json {
+        progress::print(&report, true)?;
+    }
     Ok(match first_failure {
         None => Outcome::Success,
         Some(code) => Outcome::Partial(code),
     })
 }
 
-/// Fetches every id with at most `jobs` at a time; results come back in argument order.
-fn fetch_all(req: &Request, client: &glance::Client, rep: &dyn Reporter) -> Vec<Result<Fetched>> {
+/// An image's error chain, naming the image once.
+fn failure_text(id: &str, e: &anyhow::Error) -> String {
+    let msg = error::chain(e);
+    if msg.contains(id) {
+        msg
+    } else {
+        format!("image {id}: {msg}")
+    }
+}
+
+/// Fetches every id with at most `jobs` at a time, calling `done` as each finishes; results
+/// come back in argument order.
+fn fetch_all(
+    req: &Request,
+    client: &glance::Client,
+    rep: &dyn Reporter,
+    done: &(dyn Fn(&str, &Result<Fetched>) + Sync),
+) -> Vec<Result<Fetched>> {
     let ids = &req.ids;
     let slots: Vec<Mutex<Option<Result<Fetched>>>> = ids.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
@@ -73,6 +93,7 @@ fn fetch_all(req: &Request, client: &glance::Client, rep: &dyn Reporter) -> Vec<
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(id) = ids.get(i) else { break };
                     let result = fetch::ensure(&req.cache, client, id, &req.opts, rep);
+                    done(id, &result);
                     if let Ok(mut slot) = slots[i].lock() {
                         *slot = Some(result);
                     }

@@ -436,8 +436,8 @@ impl Build<'_> {
         };
         let secs = started.elapsed().as_secs_f64();
         self.rep.debug(&format!(
-            "image {id}: {size} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MB/s)",
-            size as f64 / secs.max(1e-9) / 1e6
+            "image {id}: {size} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MiB/s)",
+            size as f64 / secs.max(1e-9) / f64::from(1u32 << 20)
         ));
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
             .and_then(|()| self.still_undisturbed(&file, &algo, &expected))

@@ -106,7 +106,7 @@ pub enum Error {
     )]
     UnsupportedDiskFormat { disk_format: String },
     #[error(
-        "format mismatch: the declared disk_format is {declared} but the bytes are {detected}; refusing it (a qcow2 declared as raw is the classic attack, Nova bug 2071734)"
+        "format mismatch: declared disk_format={declared} but the bytes are {detected}; refusing it (a qcow2 declared as raw is the classic attack, Nova bug 2071734)"
     )]
     Mismatch {
         declared: &'static str,
