@@ -257,7 +257,14 @@ impl Client {
             if let Some(offset) = range {
                 req = req.header(header::RANGE, format!("bytes={offset}-"));
             }
-            req.send().map_err(|e| transport(&self.shown(url), &e))
+            let shown = self.shown(url);
+            let resp = req.send().map_err(|e| transport(&shown, &e))?;
+            http::trace(&format!(
+                "GET {shown}{} → {}",
+                range.map_or(String::new(), |o| format!(" (Range: bytes={o}-)")),
+                resp.status().as_u16()
+            ));
+            Ok(resp)
         };
         let Some(auth) = &self.auth else {
             return send(None);

@@ -110,8 +110,25 @@ impl HttpSettings {
     }
 }
 
+/// Where `-vv` sends its lines about HTTP requests (set once by the binary; nothing is traced
+/// otherwise). Never given a secret: callers pass methods, redacted URLs and statuses only.
+static TRACE: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>> = std::sync::OnceLock::new();
+
+/// Installs the `-vv` request tracer (the first call wins).
+pub fn set_trace(f: Box<dyn Fn(&str) + Send + Sync>) {
+    let _ = TRACE.set(f);
+}
+
+/// Traces one line about a request (`POST http://keystone:5000/v3/auth/tokens → 201`).
+pub fn trace(line: &str) {
+    if let Some(f) = TRACE.get() {
+        f(line);
+    }
+}
+
 /// One line naming what went wrong with a request: reqwest's Display omits the cause ("error
-/// sending request"), so the chain is included (connection refused, timed out, certificate).
+/// sending request"), so the cause is found in the chain and said in plain words (connection refused, timed out,
+/// a name that does not resolve, an untrusted certificate).
 pub fn describe(e: &reqwest::Error) -> String {
     let mut chain = Vec::new();
     let mut io = None;

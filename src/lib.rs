@@ -46,6 +46,10 @@ pub fn run(
     file: Option<&config::File>,
 ) -> Result<Outcome> {
     let rep = progress::Terminal::new(cli.global.quiet, cli.global.verbose);
+    if cli.global.verbose > 1 && !cli.global.quiet {
+        // -vv: every HTTP request and its answer (Keystone, the record, the data), never a secret.
+        http::set_trace(Box::new(|line| eprintln!("imgcache: {line}")));
+    }
     let g = &cli.global;
     match cli.command {
         cli::Command::Config(cli::ConfigCommand::Show { json }) => {

@@ -147,6 +147,36 @@ fn password_auth_from_an_openrc_finds_glance_in_the_catalog() {
 }
 
 #[test]
+fn vv_shows_every_request_keystone_included_and_the_endpoint_chosen() {
+    let s = stack();
+    let (id, _) = s.image("ks-vv", 1 << 20, 109);
+    let cache = Cache::new();
+    let mut cmd = imgcache();
+    cmd.args(["-vv", "fetch", "--instances-path"])
+        .arg(cache.instances())
+        .arg(&id);
+    for (k, v) in s.env_file("openrc") {
+        cmd.env(k, v);
+    }
+    let r = run(&mut cmd);
+    r.assert_code(0);
+    for needle in [
+        "POST ".to_owned() + &s.keystone,
+        "/auth/tokens → 201".to_owned(),
+        "image endpoint from the catalog:".to_owned(),
+        format!("/v2/images/{id} → 200"),
+        format!("/v2/images/{id}/file → 200"),
+    ] {
+        assert!(
+            r.stderr.contains(&needle),
+            "{needle:?} not in\n{}",
+            r.stderr
+        );
+    }
+    assert!(!r.stderr.contains("demo-secret"), "{}", r.stderr);
+}
+
+#[test]
 fn clouds_yaml_with_os_cloud() {
     let s = stack();
     let (id, _) = s.image("ks-clouds", 1 << 20, 102);

@@ -113,14 +113,6 @@ impl Download<'_> {
         pos: &mut u64,
     ) -> Result<Option<glance::Error>> {
         let id = self.image.id.as_str();
-        self.rep.trace(&format!(
-            "GET /v2/images/{id}/file{}",
-            if *pos > 0 {
-                format!(" with Range: bytes={pos}-")
-            } else {
-                String::new()
-            }
-        ));
         let mut body = match self.open_body(file, hasher, pos)? {
             Ok(body) => body,
             Err(e) => return Ok(Some(e)),

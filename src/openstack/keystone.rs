@@ -224,7 +224,18 @@ impl Session {
                 }}}))
             }
         };
-        request.send().map_err(transport)
+        let what = match &self.method {
+            Method::Token(_) => "GET",
+            _ => "POST",
+        };
+        http::trace(&format!("{what} {}", http::redact_url(&url)));
+        let resp = request.send().map_err(transport)?;
+        http::trace(&format!(
+            "{what} {} → {}",
+            http::redact_url(&url),
+            resp.status().as_u16()
+        ));
+        Ok(resp)
     }
 
     fn authenticate(&self) -> Result<Token, Error> {
@@ -307,7 +318,13 @@ impl Session {
                 let region_ok =
                     region.is_none_or(|r| field("region_id") == r || field("region") == r);
                 if field("interface") == interface && region_ok {
-                    return Ok(field("url").trim_end_matches('/').to_owned());
+                    let url = field("url").trim_end_matches('/').to_owned();
+                    http::trace(&format!(
+                        "image endpoint from the catalog: {} (interface {interface}, region {})",
+                        http::redact_url(&url),
+                        field("region_id")
+                    ));
+                    return Ok(url);
                 }
             }
         }
