@@ -16,6 +16,7 @@ mod help;
 mod hostile;
 mod keystone;
 mod man;
+mod package;
 mod pipe;
 mod prune;
 mod rbd;
