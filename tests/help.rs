@@ -36,7 +36,12 @@ fn fetch_help_puts_global_options_after_its_own() {
 
 #[test]
 fn commands_without_a_cache_do_not_offer_its_options() {
-    for words in [&["inspect"][..], &["completions"], &["man"]] {
+    for words in [
+        &["inspect"][..],
+        &["completions"],
+        &["man"],
+        &["config", "template"],
+    ] {
         let r = run(imgcache().args(words).arg("--help"));
         r.assert_code(0);
         assert!(

@@ -1,5 +1,5 @@
 //! A closed stdout (`imgcache ... | head -1`) is not an error: every command that prints data
-//! exits 0 and says nothing on stderr, like `cat` under a shell that ignores SIGPIPE.
+//! says nothing about it on stderr and exits with the code of its work (0 when all went well).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -96,4 +96,19 @@ fn head_of_a_long_listing_is_a_quiet_success() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stderr, "");
     assert!(first.starts_with("_imgcache()"), "{first}");
+}
+
+#[test]
+fn closed_stdout_keeps_the_exit_code_of_the_work() {
+    let cache = Cache::new();
+    // A missing entry is exit 6 whether or not anyone reads the report.
+    let (code, stderr) = with_closed_stdout(
+        imgcache()
+            .arg("verify")
+            .arg("--instances-path")
+            .arg(cache.instances())
+            .arg("some-image"),
+    );
+    assert_eq!(code, Some(6), "{stderr}");
+    assert_eq!(stderr, "");
 }

@@ -16,7 +16,7 @@ const CACHE_OPTIONS: &[&str] = &["instances_path", "base_dir_name"];
 
 /// Subcommands that never touch a cache: `--instances-path` and `--base-dir-name` are hidden
 /// from their help (still accepted, so a shared command line or alias keeps working).
-const NO_CACHE: &[&str] = &["inspect", "completions", "man"];
+pub const NO_CACHE: &[&str] = &["inspect", "completions", "man", "config template"];
 
 /// The exit codes each command can end with (docs/usage.md has the meaning of each).
 pub const EXIT_CODES: &[(&str, &[u8])] = &[
@@ -44,21 +44,15 @@ pub fn command() -> clap::Command {
     for name in names {
         cmd = cmd.mut_subcommand(&name, |sub| adjust(sub, &name));
     }
-    cmd
+    let usage = cmd.render_usage().to_string();
+    let usage = usage.trim_start_matches("Usage:").trim().to_owned();
+    cmd.override_usage(usage)
 }
 
 /// One subcommand: hidden cache options, its exit codes, a fixed usage line.
 fn adjust(mut sub: clap::Command, name: &str) -> clap::Command {
     if NO_CACHE.contains(&name) {
-        // `mut_args` changes the arguments in place; `mut_arg` would move one to the end of a
-        // built command and leave clap's index of them stale.
-        sub = sub.mut_args(|a| {
-            if CACHE_OPTIONS.contains(&a.get_id().as_str()) {
-                a.hide(true)
-            } else {
-                a
-            }
-        });
+        sub = hide_cache_options(sub);
     }
     if let Some(codes) = codes_of(name) {
         sub = sub.after_help(exit_codes_help(codes, name == "fetch"));
@@ -73,13 +67,31 @@ fn adjust(mut sub: clap::Command, name: &str) -> clap::Command {
         .map(|s| s.get_name().to_owned())
         .collect();
     for child in children {
+        let no_cache = NO_CACHE.contains(&format!("{name} {child}").as_str());
         sub = sub.mut_subcommand(&child, |mut c| {
+            if no_cache {
+                c = hide_cache_options(c);
+            }
             let u = c.render_usage().to_string();
             let u = u.trim_start_matches("Usage:").trim().to_owned();
             c.override_usage(u)
         });
     }
     sub.override_usage(usage)
+}
+
+/// Hides `--instances-path` and `--base-dir-name` from a command's help, man page and
+/// completions.
+fn hide_cache_options(cmd: clap::Command) -> clap::Command {
+    // `mut_args` changes the arguments in place; `mut_arg` would move one to the end of a built
+    // command and leave clap's index of them stale.
+    cmd.mut_args(|a| {
+        if CACHE_OPTIONS.contains(&a.get_id().as_str()) {
+            a.hide(true)
+        } else {
+            a
+        }
+    })
 }
 
 /// The exit codes a subcommand can end with, if it has a list.

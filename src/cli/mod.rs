@@ -88,7 +88,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Re-hash cached entries against the digest recorded when they were written.
     Verify(VerifyArgs),
-    /// Show the effective settings and where each came from.
+    /// Show the effective settings and where each came from, or print a configuration file
+    /// template.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).

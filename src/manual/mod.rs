@@ -285,8 +285,7 @@ fn files_section(roff: &mut Roff, command: &str, top: bool) {
         "Environment of the systemd units the Debian package installs \
          (imgcache-prune.service, imgcache-fetch@.service).",
     )]);
-    let first = command.split(' ').next().unwrap_or_default();
-    let uses_cache = top || !matches!(first, "inspect" | "completions" | "man");
+    let uses_cache = top || !help::NO_CACHE.contains(&command);
     if !uses_cache {
         return;
     }
