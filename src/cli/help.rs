@@ -18,7 +18,8 @@ const CACHE_OPTIONS: &[&str] = &["instances_path", "base_dir_name"];
 /// from their help (still accepted, so a shared command line or alias keeps working).
 pub const NO_CACHE: &[&str] = &["inspect", "completions", "man", "config template"];
 
-/// The exit codes each command can end with (docs/usage.md has the meaning of each).
+/// The exit codes each command can end with (docs/usage.md has the meaning of each). A command
+/// not listed shows none in its help, and 0, 1 and 2 on its man page.
 pub const EXIT_CODES: &[(&str, &[u8])] = &[
     ("fetch", &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14, 15, 16]),
     (
@@ -44,9 +45,14 @@ pub fn command() -> clap::Command {
     for name in names {
         cmd = cmd.mut_subcommand(&name, |sub| adjust(sub, &name));
     }
-    let usage = cmd.render_usage().to_string();
-    let usage = usage.trim_start_matches("Usage:").trim().to_owned();
+    let usage = bare_usage(&mut cmd);
     cmd.override_usage(usage)
+}
+
+/// The usage line of a command as nothing given yet: `imgcache fetch [OPTIONS] <ID>...`.
+fn bare_usage(cmd: &mut clap::Command) -> String {
+    let usage = cmd.render_usage().to_string();
+    usage.trim_start_matches("Usage:").trim().to_owned()
 }
 
 /// One subcommand: hidden cache options, its exit codes, a fixed usage line.
@@ -60,8 +66,7 @@ fn adjust(mut sub: clap::Command, name: &str) -> clap::Command {
     // clap's usage in an error lists the options that were given (the configuration file's
     // included), which makes optional flags look required: `imgcache fetch --glance-url <URL>
     // --instances-path <DIR> <ID>...`. The usage of the bare command never does.
-    let usage = sub.render_usage().to_string();
-    let usage = usage.trim_start_matches("Usage:").trim().to_owned();
+    let usage = bare_usage(&mut sub);
     let children: Vec<String> = sub
         .get_subcommands()
         .map(|s| s.get_name().to_owned())
@@ -72,9 +77,8 @@ fn adjust(mut sub: clap::Command, name: &str) -> clap::Command {
             if no_cache {
                 c = hide_cache_options(c);
             }
-            let u = c.render_usage().to_string();
-            let u = u.trim_start_matches("Usage:").trim().to_owned();
-            c.override_usage(u)
+            let usage = bare_usage(&mut c);
+            c.override_usage(usage)
         });
     }
     sub.override_usage(usage)
