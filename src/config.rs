@@ -212,10 +212,11 @@ fn as_flag(key: &str, value: &toml::Value, path: &Path) -> Result<Option<String>
     };
     Ok(match (key, value) {
         ("force_raw", toml::Value::Boolean(b)) => (!b).then(|| "--no-force-raw".to_owned()),
-        ("insecure" | "allow_direct_file" | "revalidate", toml::Value::Boolean(b)) => {
-            b.then(|| format!("--{flag}"))
-        }
-        ("force_raw" | "insecure" | "allow_direct_file" | "revalidate", _) => {
+        (
+            "insecure" | "allow_direct_file" | "revalidate" | "keep_local_base",
+            toml::Value::Boolean(b),
+        ) => b.then(|| format!("--{flag}")),
+        ("force_raw" | "insecure" | "allow_direct_file" | "revalidate" | "keep_local_base", _) => {
             return Err(bad("true or false"));
         }
         (_, toml::Value::String(s)) => Some(format!("--{flag}={s}")),

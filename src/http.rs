@@ -112,10 +112,13 @@ impl HttpSettings {
 
 /// Where `-vv` sends its lines about HTTP requests (set once by the binary; nothing is traced
 /// otherwise). Never given a secret: callers pass methods, redacted URLs and statuses only.
-static TRACE: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>> = std::sync::OnceLock::new();
+static TRACE: std::sync::OnceLock<Tracer> = std::sync::OnceLock::new();
+
+/// A sink for `-vv` lines.
+pub type Tracer = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Installs the `-vv` request tracer (the first call wins).
-pub fn set_trace(f: Box<dyn Fn(&str) + Send + Sync>) {
+pub fn set_trace(f: Tracer) {
     let _ = TRACE.set(f);
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The modules stand on five floors; each imports only from floors below it
 //! (docs/ARCHITECTURE.md):
-//! 5 interface (`cli`, `config`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
+//! 5 interface (`cli`, `config`, `manual`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
 //! `instance`, `scan`, `templates`, `disk`, `fetch`, `configdrive`), 2 adapters (`inspect`,
 //! `qemu_img`, `rbd`, `glance`, `openstack`, `fsimage`), 1 ground (`error`, `units`, `digest`, `fsutil`, `process`, `lock`,
 //! `progress`, `http`).
@@ -23,6 +23,7 @@ pub mod http;
 pub mod inspect;
 pub mod instance;
 pub mod lock;
+pub mod manual;
 pub mod openstack;
 pub mod process;
 pub mod progress;
@@ -32,11 +33,9 @@ pub mod scan;
 pub mod templates;
 pub mod units;
 
-use anyhow::Result;
-use clap::CommandFactory;
-
 use crate::cli::settings;
 use crate::commands::Outcome;
+use anyhow::Result;
 
 /// Runs a parsed command line. `matches` (as the user gave them, before the configuration
 /// file was applied) and `file` are for `config show`.
@@ -55,18 +54,27 @@ pub fn run(
         cli::Command::Config(cli::ConfigCommand::Show { json }) => {
             commands::config::show(&config::effective(matches, file), json)
         }
+        cli::Command::Config(cli::ConfigCommand::Template) => {
+            progress::print_bytes(manual::template::render().as_bytes())?;
+            Ok(Outcome::Success)
+        }
         cli::Command::Completions { shell } => {
             // Rendered in memory first: a closed stdout is then an error we handle, not a
             // panic inside the generator.
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut cli::Cli::command(), "imgcache", &mut script);
+            clap_complete::generate(shell, &mut cli::command(), "imgcache", &mut script);
             progress::print_bytes(&script)?;
             Ok(Outcome::Success)
         }
-        cli::Command::Man => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(cli::Cli::command()).render(&mut page)?;
-            progress::print_bytes(&page)?;
+        cli::Command::Man(args) => {
+            let text = match &args.out_dir {
+                Some(dir) => manual::write_all(dir)?
+                    .iter()
+                    .map(|p| format!("{}\n", p.display()))
+                    .collect(),
+                None => manual::page(&args.command)?.roff,
+            };
+            progress::print_bytes(text.as_bytes())?;
             Ok(Outcome::Success)
         }
         cli::Command::Fetch(args) => commands::fetch::run(settings::fetch(g, args)?, &rep),

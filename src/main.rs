@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 use imgcache::cli::Cli;
 use imgcache::commands::{Outcome, kind_of};
 use imgcache::config;
@@ -12,7 +12,7 @@ use imgcache::error::chain;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let matches = match Cli::command().try_get_matches_from(&argv) {
+    let matches = match imgcache::cli::command().try_get_matches_from(&argv) {
         Ok(m) => m,
         Err(e) => return clap_exit(&e),
     };
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(&e.into()),
             };
-            match Cli::command().try_get_matches_from(&injected) {
+            match imgcache::cli::command().try_get_matches_from(&injected) {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("imgcache: (with settings from {})", f.path.display());

@@ -213,25 +213,37 @@ pub trait Render: serde::Serialize {
 }
 
 /// Writes a report on stdout, as pretty JSON plus a newline or as its text; flushes. A closed
-/// pipe comes back as a `BrokenPipe` error, which `main` turns into a quiet exit.
+/// pipe is not an error (see [`quiet_on_broken_pipe`]).
 pub fn print<R: Render>(report: &R, json: bool) -> io::Result<()> {
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, report).map_err(io::Error::from)?;
-        writeln!(out)?;
-    } else {
-        report.text(&mut out)?;
-    }
-    out.flush()
+    quiet_on_broken_pipe((|| {
+        if json {
+            serde_json::to_writer_pretty(&mut out, report).map_err(io::Error::from)?;
+            writeln!(out)?;
+        } else {
+            report.text(&mut out)?;
+        }
+        out.flush()
+    })())
 }
 
-/// Writes bytes made elsewhere (a man page, a completion script) on stdout.
+/// Writes bytes made elsewhere (a man page, a completion script) on stdout; a closed pipe is
+/// not an error.
 pub fn print_bytes(bytes: &[u8]) -> io::Result<()> {
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    out.write_all(bytes)?;
-    out.flush()
+    quiet_on_broken_pipe(out.write_all(bytes).and_then(|()| out.flush()))
+}
+
+/// A reader that went away (`imgcache list | head -1`) saw what it wanted: the rest of the
+/// output is dropped and the command ends with the exit code of its work, not an error — as
+/// ripgrep does. (Rust ignores SIGPIPE, so the write fails with EPIPE instead of killing us.)
+fn quiet_on_broken_pipe(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 /// A string someone else chose (an image name, a property) as it may be shown on a terminal:

@@ -6,7 +6,7 @@
 #   rounds              BENCH_ROUNDS (default 5), validated
 #   log MSG             progress on stderr
 #   need_tools T...     fails if a tool is missing; installs GNU time with apt-get if root
-#   resolve_bin         sets `bin`: $IMGCACHE_BIN, or `cargo build --release` of this tree
+#   resolve_bin         sets `bin`: $IMGCACHE_BIN, or `cargo build --release --locked` of this tree
 #   make_work NEED_GIB  sets `work`: a fresh temp dir under ${BENCH_DIR:-${TMPDIR:-/tmp}} with
 #                       NEED_GIB free, removed at exit (with whatever `on_exit` adds)
 #   export_facts        exports the BENCH_FACT_* machine facts read by benchlib.facts_table
@@ -38,8 +38,8 @@ resolve_bin() {
     if [[ -n "${IMGCACHE_BIN:-}" ]]; then
         bin=$IMGCACHE_BIN
     else
-        log "cargo build --release"
-        (cd "$root" && cargo build --release -q >&2)
+        log "cargo build --release --locked"
+        (cd "$root" && cargo build --release --locked -q >&2)
         bin="$root/target/release/imgcache"
     fi
     [[ -x "$bin" ]] || { log "no imgcache binary at $bin"; exit 1; }

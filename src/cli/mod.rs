@@ -1,7 +1,10 @@
 //! Command-line types (clap derive) only: what the user typed, before it means anything.
 //! [`settings`] turns them into the commands' resolved requests (LowArgs → HiArgs).
 
+pub mod help;
 pub mod settings;
+
+pub use help::command;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +27,7 @@ pub struct Cli {
 
 /// Settings every command shares.
 #[derive(Debug, Args)]
+#[command(next_help_heading = help::GLOBAL_HEADING)]
 pub struct Global {
     /// The directory holding instance directories, `_base` and `locks`.
     #[arg(
@@ -51,7 +55,7 @@ pub struct Global {
 
     /// Configuration file (TOML; keys are the long flag names, e.g. lock_timeout = "30m").
     /// Default: /etc/imgcache/imgcache.toml if it exists.
-    /// IMGCACHE_CONFIG names it too (read by `config::locate`, so an empty value means unset).
+    /// IMGCACHE_CONFIG names it too (an empty value means unset).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
 }
@@ -62,22 +66,18 @@ pub enum Command {
     /// Download Glance images into the cache, verified and converted to raw.
     ///
     /// Prints `<id> <absolute base path>` per image on stdout (or JSON with --json).
-    #[command(after_help = EXIT_CODES_HELP)]
     Fetch(FetchArgs),
     /// Give an instance its disks: root disk from a cached base (fetched first if needed),
     /// kernel/ramdisk, ephemeral and swap disks, disk.info.
     ///
     /// Prints the path of each disk on stdout (or JSON with --json).
-    #[command(after_help = EXIT_CODES_HELP)]
     Create(Box<CreateArgs>),
     /// Remove an instance directory, so the bases it used become prunable.
-    #[command(after_help = EXIT_CODES_HELP)]
     Delete(DeleteArgs),
     /// Delete what no instance uses: by age, then by size; stale temp and lock files too.
     ///
     /// Safe to run from cron beside fetch and create. Prints one line per removed file and a
     /// total; with --quiet, nothing at all when nothing was removed.
-    #[command(after_help = EXIT_CODES_HELP)]
     Prune(PruneArgs),
     /// List cache entries: type, image, format, sizes, last use, users.
     List(ListArgs),
@@ -85,12 +85,11 @@ pub enum Command {
     ///
     /// Detects the format from the bytes, runs the safety checks imgcache applies to every
     /// download, and asks qemu-img (with -f, under rlimits) for a second opinion.
-    #[command(after_help = EXIT_CODES_HELP)]
     Inspect(InspectArgs),
     /// Re-hash cached entries against the digest recorded when they were written.
-    #[command(after_help = EXIT_CODES_HELP)]
     Verify(VerifyArgs),
-    /// Show the effective settings and where each came from.
+    /// Show the effective settings and where each came from, or print a configuration file
+    /// template.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -98,8 +97,23 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) on stdout: `imgcache man > /usr/local/share/man/man1/imgcache.1`.
-    Man,
+    /// Print a man page (roff) on stdout, or write every page into a directory.
+    ///
+    /// `imgcache man` is imgcache(1), `imgcache man fetch` is imgcache-fetch(1), `imgcache man
+    /// config show` is imgcache-config-show(1).
+    Man(ManArgs),
+}
+
+/// `imgcache man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print (`fetch`, `config show`); none = imgcache(1).
+    #[arg(value_name = "COMMAND")]
+    pub command: Vec<String>,
+
+    /// Write every page (imgcache.1, imgcache-fetch.1, ...) into DIR and print their paths.
+    #[arg(long, value_name = "DIR", conflicts_with = "command")]
+    pub out_dir: Option<PathBuf>,
 }
 
 /// `imgcache config ...`.
@@ -112,6 +126,10 @@ pub enum ConfigCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a configuration file with every key commented out at its default, each with a
+    /// line saying what it does (the file the Debian package installs as
+    /// /etc/imgcache/imgcache.toml).
+    Template,
 }
 
 /// `imgcache prune`.
