@@ -39,6 +39,8 @@ pub enum Kind {
     Untrusted,
     /// Glance (or Keystone) answered with something that is not its API: a malformed record.
     Protocol,
+    /// `--verify-signatures`: the image's signature or its certificate was refused.
+    Signature,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             Kind::NotWritable => 14,
             Kind::Untrusted => 15,
             Kind::Protocol => 16,
+            Kind::Signature => 17,
         }
     }
 
@@ -81,6 +84,7 @@ impl Kind {
             Kind::NotWritable => "not-writable",
             Kind::Untrusted => "untrusted",
             Kind::Protocol => "protocol",
+            Kind::Signature => "signature",
         }
     }
 }
@@ -105,6 +109,8 @@ Exit codes:
   14  the cache directory is not writable (read-only filesystem, permission denied)
   15  a symlink, FIFO or other non-regular file sits where the cache expects its own file
   16  Glance answered something that is not its API (a malformed image record)
+  17  --verify-signatures: the image's signature or certificate was refused (missing or unsupported
+      properties, bad signature, certificate expired, not yet valid or untrusted)
 With several image ids, the exit code is that of the first failed id in command-line order.";
 
 /// A usage error raised after argument parsing (for example an invalid image id).

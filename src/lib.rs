@@ -4,9 +4,10 @@
 //! (docs/ARCHITECTURE.md):
 //! 5 interface (`cli`, `config`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
 //! `instance`, `scan`, `templates`, `disk`, `fetch`), 2 adapters (`inspect`, `qemu_img`, `rbd`,
-//! `glance`, `openstack`), 1 ground (`error`, `units`, `digest`, `fsutil`, `process`, `lock`,
-//! `progress`, `http`).
+//! `glance`, `barbican`, `openstack`), 1 ground (`error`, `units`, `digest`, `fsutil`,
+//! `process`, `lock`, `progress`, `http`, `signature`).
 
+pub mod barbican;
 pub mod cache;
 pub mod cli;
 pub mod commands;
@@ -27,6 +28,7 @@ pub mod progress;
 pub mod qemu_img;
 pub mod rbd;
 pub mod scan;
+pub mod signature;
 pub mod templates;
 pub mod units;
 

@@ -17,3 +17,4 @@ mod keystone;
 mod prune;
 mod rbd;
 mod resources;
+mod signatures;
