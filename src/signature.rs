@@ -82,6 +82,16 @@ impl HashMethod {
         })
     }
 
+    /// The property's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashMethod::Sha224 => "SHA-224",
+            HashMethod::Sha256 => "SHA-256",
+            HashMethod::Sha384 => "SHA-384",
+            HashMethod::Sha512 => "SHA-512",
+        }
+    }
+
     /// The digest to stream the image data through.
     pub fn digest(self) -> MessageDigest {
         match self {

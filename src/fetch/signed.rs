@@ -143,10 +143,10 @@ impl Check {
                 .with_context(refused)?;
         }
         rep.debug(&format!(
-            "image {}: signed ({}, {:?}) by certificate {}; verifying while downloading",
+            "image {}: signed ({}, {}) by certificate {}; verifying while downloading",
             image.id,
             props.key_type.name(),
-            props.hash,
+            props.hash.name(),
             cert.name
         ));
         Ok(Check { props, cert })
