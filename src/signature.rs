@@ -184,45 +184,48 @@ impl Properties {
     }
 }
 
-/// Standard base64 (as Python's `base64.b64decode`, which skips characters outside the
-/// alphabet, such as line breaks; bad padding fails).
+/// Standard base64 as cursive decodes it (Python's `base64.b64decode`, not validating):
+/// characters outside the alphabet (line breaks) are skipped, a padding that completes a
+/// group ends the input, and a group left incomplete without it fails.
 pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    let mut symbols = 0usize;
-    let mut padding = 0usize;
+    let mut quad = 0;
+    let mut pads = 0;
+    let mut left: u8 = 0;
     for c in s.bytes() {
+        if c == b'=' {
+            if quad >= 2 {
+                pads += 1;
+                if quad + pads >= 4 {
+                    return Some(out);
+                }
+            }
+            continue;
+        }
         let v = match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
             b'0'..=b'9' => c - b'0' + 52,
             b'+' => 62,
             b'/' => 63,
-            b'=' => {
-                padding += 1;
-                continue;
-            }
             _ => continue,
         };
-        if padding > 0 {
-            // Data after padding.
-            return None;
+        pads = 0;
+        match quad {
+            0 => left = v,
+            1 => {
+                out.push((left << 2) | (v >> 4));
+                left = v & 0x0f;
+            }
+            2 => {
+                out.push((left << 4) | (v >> 2));
+                left = v & 0x03;
+            }
+            _ => out.push((left << 6) | v),
         }
-        symbols += 1;
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
+        quad = (quad + 1) % 4;
     }
-    let total = symbols + padding;
-    if symbols % 4 == 1 || total % 4 != 0 || padding > 2 {
-        return None;
-    }
-    Some(out)
+    (quad == 0).then_some(out)
 }
 
 /// A certificate and the name it is known by in messages (its UUID or file).
@@ -382,7 +385,11 @@ mod tests {
         assert_eq!(decode_base64("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
         assert_eq!(decode_base64("aGVs\nbG8=").as_deref(), Some(&b"hello"[..]));
         assert_eq!(decode_base64("aGVsbG8"), None);
-        assert_eq!(decode_base64("aGVsbG8=aa"), None);
+        assert_eq!(decode_base64("a==="), None);
+        // A completed padding ends the input; extra padding is fine.
+        assert_eq!(decode_base64("aGVsbG8=aa").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_base64("aGVsbG8==").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_base64("aGVsbA==").as_deref(), Some(&b"hell"[..]));
         assert_eq!(decode_base64("").as_deref(), Some(&b""[..]));
     }
 

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::support::service::Service;
 use super::support::{self, Cache, glance, run};
 
 /// The certificates and keys of the matrix, in one temp dir: `certs/<uuid>.pem` is what both
@@ -616,4 +617,180 @@ fn create_refuses_an_unsigned_image_when_verifying() {
         .args(["--trusted-cert", "00000001-0000-4000-8000-000000000001"])
         .arg(&id))
     .assert_code(2);
+}
+
+/// A Barbican behind the shared Keystone stack, registered as its catalog's `key-manager`.
+struct Barbican {
+    url: String,
+}
+
+static BARBICAN: Service<Barbican> = Service::new(
+    "barbican",
+    "start",
+    "stop",
+    "imgcache-barbican-",
+    "scripts/barbican/install",
+    |s| {
+        let url = s.stdout.trim();
+        if !url.starts_with("http://127.0.0.1:") || url.lines().count() != 1 {
+            return Err(format!("not one base URL: {url:?}"));
+        }
+        Ok(Barbican {
+            url: url.to_owned(),
+        })
+    },
+);
+
+impl Barbican {
+    /// Stores a certificate as castellan does (DER, secret type `certificate`) as the demo
+    /// user; returns its UUID.
+    fn store(&self, token: &str, pem: &Path) -> String {
+        let out = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(pem)
+            .output()
+            .expect("openssl x509");
+        support::assert_exit_ok(&out);
+        let encoded = Command::new("openssl")
+            .args(["base64", "-A"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(&out.stdout)?;
+                child.wait_with_output()
+            })
+            .expect("openssl base64");
+        let body = serde_json::json!({
+            "name": "imgcache test certificate",
+            "secret_type": "certificate",
+            "payload": String::from_utf8_lossy(&encoded.stdout).trim(),
+            "payload_content_type": "application/octet-stream",
+            "payload_content_encoding": "base64",
+        });
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/secrets", self.url))
+            .header("X-Auth-Token", token)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("store secret");
+        assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text());
+        let v: serde_json::Value = resp.json().expect("secret json");
+        let reference = v["secret_ref"].as_str().expect("secret_ref");
+        reference.rsplit('/').next().expect("uuid").to_owned()
+    }
+}
+
+#[test]
+fn certificates_come_from_barbican_through_the_catalog() {
+    let stack = crate::keystone::stack();
+    let barbican = BARBICAN.start(&[("IMGCACHE_BARBICAN_KEYSTONE_URL", &stack.keystone)]);
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/barbican/register"))
+        .args([&stack.keystone, &barbican.url])
+        .output()
+        .expect("run scripts/barbican/register");
+    support::assert_exit_ok(&out);
+    let token = stack.demo_token();
+    let pki = Pki::new();
+    let signer = barbican.store(&token, &pki.path(&pki.cert(RSA)));
+    let ca = barbican.store(&token, &pki.path(&pki.cert(CA)));
+    let other_ca = barbican.store(&token, &pki.path(&pki.cert(OTHER_CA)));
+    let data = support::test_bytes((1 << 20) + 5, 74);
+    let file = pki.path("image.raw");
+    std::fs::write(&file, &data).expect("image");
+    let id = stack.upload("signed via barbican", "raw", &file);
+    let sig = pki.sign(RSA, "sha256", &file, true, &[]);
+    let resp = reqwest::blocking::Client::new()
+        .patch(format!("{}/v2/images/{id}", stack.glance))
+        .header("X-Auth-Token", &token)
+        .header(
+            "Content-Type",
+            "application/openstack-images-v2.1-json-patch",
+        )
+        .body(
+            serde_json::json!([
+                {"op": "add", "path": "/img_signature", "value": sig},
+                {"op": "add", "path": "/img_signature_hash_method", "value": "SHA-256"},
+                {"op": "add", "path": "/img_signature_key_type", "value": "RSA-PSS"},
+                {"op": "add", "path": "/img_signature_certificate_uuid", "value": signer},
+            ])
+            .to_string(),
+        )
+        .send()
+        .expect("patch image");
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
+    let openrc = stack.env_file("openrc");
+    let fetch = |extra: &[&str]| {
+        let cache = Cache::new();
+        let mut cmd = support::imgcache();
+        cmd.arg("fetch")
+            .arg("--instances-path")
+            .arg(cache.instances())
+            .arg("--verify-signatures")
+            .args(extra)
+            .arg(&id)
+            .envs(&openrc);
+        (run(&mut cmd), cache)
+    };
+    // The signing certificate from Barbican, found in the token's catalog.
+    let (r, cache) = fetch(&[]);
+    r.assert_code(0);
+    assert_eq!(
+        support::record(&cache, &id)["signature_certificate"].as_str(),
+        Some(signer.as_str())
+    );
+    // Trusted certificates by UUID, from Barbican too: the right CA, then the wrong one.
+    fetch(&["--trusted-cert", &ca]).0.assert_code(0);
+    let (r, cache) = fetch(&["--trusted-cert", &other_ca]);
+    r.assert_code(17);
+    assert!(
+        r.stderr.contains("does not chain to a trusted certificate"),
+        "{}",
+        r.stderr
+    );
+    assert!(cache.base_files().is_empty(), "{:?}", cache.base_files());
+}
+
+#[test]
+fn the_configuration_file_turns_verification_on() {
+    let glance = glance::real();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("image.raw");
+    std::fs::write(&file, support::test_bytes(1 << 16, 75)).expect("image");
+    let id = glance.upload("unsigned for the config", "raw", &file);
+    let config = dir.path().join("imgcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "verify_signatures = true\ncertificate_dir = {:?}\n",
+            dir.path().display().to_string()
+        ),
+    )
+    .expect("config");
+    let cache = Cache::new();
+    let r = run(cache
+        .fetch(&glance.url)
+        .arg("--config")
+        .arg(&config)
+        .arg(&id));
+    r.assert_code(17);
+    assert!(r.stderr.contains(&id), "{}", r.stderr);
+    assert!(cache.base_files().is_empty(), "{:?}", cache.base_files());
+    let mut show = support::imgcache();
+    show.args(["config", "show", "--config"]).arg(&config);
+    let r = run(&mut show);
+    r.assert_code(0);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("verify_signatures"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains("true") && line.contains("file:"),
+        "{}",
+        r.stdout
+    );
 }
