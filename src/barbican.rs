@@ -51,9 +51,10 @@ pub enum Error {
 
 impl Error {
     /// The exit-code kind: a missing or unreadable certificate refuses the image; an
-    /// unreachable Barbican is worth trying again later.
+    /// unreachable or failing (5xx) Barbican is worth trying again later.
     pub fn kind(&self) -> Kind {
         match self {
+            Error::Status { status, .. } if *status >= 500 => Kind::Unavailable,
             Error::NoCatalog
             | Error::NotFound { .. }
             | Error::Status { .. }

@@ -28,7 +28,9 @@ pub const CERT_UUID: &str = "img_signature_certificate_uuid";
 /// Why a signature (or its certificate) is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the image has no {0} property, so its signature cannot be verified")]
+    #[error(
+        "the image has no {0} property, so its signature cannot be verified; sign it in Glance (docs/operators.md, Signed images) or fetch it without --verify-signatures"
+    )]
     Missing(&'static str),
     #[error("{HASH_METHOD} {0:?} is not supported (SHA-224, SHA-256, SHA-384, SHA-512 are)")]
     HashMethod(String),
@@ -42,13 +44,17 @@ pub enum Error {
     NotCertificate { cert: String },
     #[error("certificate {cert}: its public key is not of key type {key_type}")]
     WrongKey { cert: String, key_type: String },
-    #[error("certificate {cert}: not valid before {date}")]
+    #[error("certificate {cert}: not valid before {date}; check this host's clock or wait")]
     NotYetValid { cert: String, date: String },
-    #[error("certificate {cert}: expired {date}")]
+    #[error("certificate {cert}: expired {date}; re-sign the image with a valid certificate")]
     Expired { cert: String, date: String },
-    #[error("certificate {cert}: does not chain to a trusted certificate ({detail})")]
+    #[error(
+        "certificate {cert}: does not chain to a trusted certificate ({detail}); pass its issuer with --trusted-cert if it is to be trusted"
+    )]
     Untrusted { cert: String, detail: String },
-    #[error("signature does not match the image data (certificate {cert})")]
+    #[error(
+        "signature does not match the image data (certificate {cert}): the data is not what was signed; the download was discarded"
+    )]
     Bad { cert: String },
     #[error("libcrypto failed checking certificate {cert}: {detail}")]
     Crypto { cert: String, detail: String },
