@@ -32,6 +32,13 @@ const DSA: u32 = 14;
 const ROGUE: u32 = 15;
 const EXPIRED: u32 = 16;
 const FUTURE: u32 = 17;
+/// A CA under CA, and a signer under it.
+const INTER: u32 = 20;
+const UNDER_INTER: u32 = 21;
+/// A root that allows no intermediate (pathlen 0), one under it anyway, and a signer.
+const ROOT0: u32 = 22;
+const INTER0: u32 = 23;
+const UNDER_INTER0: u32 = 24;
 
 impl Pki {
     #[track_caller]
@@ -58,6 +65,11 @@ impl Pki {
 
     /// A CA certificate (basic constraints CA, key usage keyCertSign), self-signed.
     fn ca(&self, n: u32) {
+        self.root(n, "basicConstraints=critical,CA:TRUE");
+    }
+
+    /// A self-signed CA certificate with these basic constraints.
+    fn root(&self, n: u32, constraints: &str) {
         let key = format!("{n}.key");
         self.openssl(&["genrsa", "-out", &key, "2048"]);
         self.openssl(&[
@@ -71,7 +83,7 @@ impl Pki {
             "-days",
             "30",
             "-addext",
-            "basicConstraints=critical,CA:TRUE",
+            constraints,
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
             "-out",
@@ -81,6 +93,22 @@ impl Pki {
 
     /// A leaf certificate for key `n` issued by CA `ca`.
     fn leaf(&self, n: u32, ca: u32) {
+        self.issue(n, ca, &[]);
+    }
+
+    /// An intermediate CA for key `n` (a new RSA key) issued by CA `ca`.
+    fn intermediate(&self, n: u32, ca: u32) {
+        self.openssl(&["genrsa", "-out", &format!("{n}.key"), "2048"]);
+        std::fs::write(
+            self.path("ca-ext.cnf"),
+            "[v3_ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n",
+        )
+        .expect("ca-ext.cnf");
+        self.issue(n, ca, &["-extfile", "ca-ext.cnf", "-extensions", "v3_ca"]);
+    }
+
+    /// A certificate for key `n` issued by CA `ca`, with extra `openssl x509` arguments.
+    fn issue(&self, n: u32, ca: u32, extra: &[&str]) {
         let csr = format!("{n}.csr");
         self.openssl(&[
             "req",
@@ -92,22 +120,30 @@ impl Pki {
             "-out",
             &csr,
         ]);
-        self.openssl(&[
+        let (serial, ca_cert, ca_key, out) = (
+            n.to_string(),
+            self.cert(ca),
+            format!("{ca}.key"),
+            self.cert(n),
+        );
+        let mut args = vec![
             "x509",
             "-req",
             "-in",
             &csr,
             "-CA",
-            &self.cert(ca),
+            &ca_cert,
             "-CAkey",
-            &format!("{ca}.key"),
+            &ca_key,
             "-days",
             "30",
             "-set_serial",
-            &n.to_string(),
+            &serial,
             "-out",
-            &self.cert(n),
-        ]);
+            &out,
+        ];
+        args.extend(extra);
+        self.openssl(&args);
     }
 
     /// A self-signed certificate for key `n` valid only between two dates (`openssl ca`).
@@ -193,6 +229,13 @@ impl Pki {
             pki.leaf(n, CA);
         }
         pki.leaf(ROGUE, OTHER_CA);
+        pki.intermediate(INTER, CA);
+        pki.root(ROOT0, "basicConstraints=critical,CA:TRUE,pathlen:0");
+        pki.intermediate(INTER0, ROOT0);
+        for (n, ca) in [(UNDER_INTER, INTER), (UNDER_INTER0, INTER0)] {
+            pki.openssl(&["genrsa", "-out", &format!("{n}.key"), "2048"]);
+            pki.leaf(n, ca);
+        }
         pki.dated(EXPIRED, "20200101000000Z", "20200201000000Z");
         pki.dated(FUTURE, "20991231000000Z", "21001231000000Z");
         pki
@@ -306,6 +349,14 @@ fn matrix(pki: &Pki, signed: &Path, data: &[u8]) -> Vec<Case> {
         )
     };
     let sig256 = pki.sign(RSA, "sha256", signed, true, &[]);
+    let signed_by = |n: u32| {
+        props(
+            n,
+            "SHA-256",
+            "RSA-PSS",
+            &pki.sign(n, "sha256", signed, true, &[]),
+        )
+    };
     let mut tampered_sig = sig256.clone().into_bytes();
     // Flip one base64 digit in the middle: still base64, no longer the signature.
     let mid = tampered_sig.len() / 2;
@@ -416,6 +467,44 @@ fn matrix(pki: &Pki, signed: &Path, data: &[u8]) -> Vec<Case> {
                 ),
             )
         },
+        Case {
+            trusted: vec![uuid(CA), uuid(INTER)],
+            ..ok(
+                "chain through a trusted intermediate",
+                signed_by(UNDER_INTER),
+            )
+        },
+        Case {
+            // cursive builds chains from trusted certificates only.
+            trusted: vec![uuid(CA)],
+            ..no(
+                "an intermediate that is not trusted",
+                signed_by(UNDER_INTER),
+            )
+        },
+        Case {
+            trusted: vec![uuid(ROOT0), uuid(INTER0)],
+            ..no("a path length exceeded", signed_by(UNDER_INTER0))
+        },
+        ok(
+            // cursive checks the key's class, not its curve, against the name.
+            "a p-521 key named ECC_SECP384R1",
+            props(
+                EC521,
+                "SHA-512",
+                "ECC_SECP384R1",
+                &pki.sign(EC521, "sha512", signed, false, &[]),
+            ),
+        ),
+        ok(
+            "ecc p-384 over sha-256",
+            props(
+                EC384,
+                "SHA-256",
+                "ECC_SECP384R1",
+                &pki.sign(EC384, "sha256", signed, false, &[]),
+            ),
+        ),
         Case {
             // cursive trusts only certificates that may sign others.
             trusted: vec![uuid(RSA)],
