@@ -400,7 +400,8 @@ impl Build<'_> {
 
 impl Build<'_> {
     /// `--verify-signatures`: the image's signature properties and certificate, checked before
-    /// the download. A refusal removes a `.part` a killed run left: it is not what was signed.
+    /// the download. Any failure here removes a `.part` a killed run left too: the cache keeps
+    /// nothing of an image it could not verify.
     fn signature_check(&self) -> Result<Option<signed::Check>> {
         let Some(policy) = &self.opts.signatures else {
             return Ok(None);
