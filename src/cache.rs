@@ -377,6 +377,10 @@ pub struct Record {
     /// Selected image properties (kernel_id, ramdisk_id, os_type, ...), as Glance sent them.
     #[serde(default)]
     pub properties: serde_json::Map<String, serde_json::Value>,
+    /// The certificate (`img_signature_certificate_uuid`) whose signature over the data was
+    /// verified (`--verify-signatures`); `None` when none was checked, and in older records.
+    #[serde(default)]
+    pub signature_certificate: Option<String>,
 }
 
 #[cfg(test)]

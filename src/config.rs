@@ -42,6 +42,8 @@ pub const KEYS: &[&str] = &[
     "max_virtual_size",
     "max_image_size",
     "min_free",
+    "verify_signatures",
+    "certificate_dir",
     "min_age",
     "min_age_resized",
     "temp_age",
@@ -213,10 +215,15 @@ fn as_flag(key: &str, value: &toml::Value, path: &Path) -> Result<Option<String>
     Ok(match (key, value) {
         ("force_raw", toml::Value::Boolean(b)) => (!b).then(|| "--no-force-raw".to_owned()),
         (
-            "insecure" | "allow_direct_file" | "revalidate" | "keep_local_base",
+            "insecure" | "allow_direct_file" | "revalidate" | "keep_local_base"
+            | "verify_signatures",
             toml::Value::Boolean(b),
         ) => b.then(|| format!("--{flag}")),
-        ("force_raw" | "insecure" | "allow_direct_file" | "revalidate" | "keep_local_base", _) => {
+        (
+            "force_raw" | "insecure" | "allow_direct_file" | "revalidate" | "keep_local_base"
+            | "verify_signatures",
+            _,
+        ) => {
             return Err(bad("true or false"));
         }
         (_, toml::Value::String(s)) => Some(format!("--{flag}={s}")),

@@ -39,6 +39,8 @@ pub enum Kind {
     Untrusted,
     /// Glance (or Keystone) answered with something that is not its API: a malformed record.
     Protocol,
+    /// `--verify-signatures`: the image's signature or its certificate was refused.
+    Signature,
     /// `list`, `prune`, `verify`: the instances path does not exist (a typo in a cron line);
     /// `--allow-missing` treats it as empty.
     NoInstancesPath,
@@ -63,6 +65,7 @@ impl Kind {
             Kind::NotWritable => 14,
             Kind::Untrusted => 15,
             Kind::Protocol => 16,
+            Kind::Signature => 17,
             Kind::NoInstancesPath => 18,
         }
     }
@@ -85,6 +88,7 @@ impl Kind {
             Kind::NotWritable => "not-writable",
             Kind::Untrusted => "untrusted",
             Kind::Protocol => "protocol",
+            Kind::Signature => "signature",
             Kind::NoInstancesPath => "no-instances-path",
         }
     }
@@ -110,6 +114,7 @@ Exit codes:
   14  the cache directory is not writable (read-only filesystem, permission denied)
   15  a symlink, FIFO or other non-regular file sits where the cache expects its own file
   16  Glance answered something that is not its API (a malformed image record)
+  17  --verify-signatures: the image's signature or its certificate was refused
   18  list/prune/verify: the instances path does not exist (--allow-missing: treat as empty)
 With several image ids, the exit code is that of the first failed id in command-line order.";
 

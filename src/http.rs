@@ -60,6 +60,16 @@ pub trait TokenSource: Send + Sync {
     /// Called once after the server rejected `rejected` with 401: a new token if this source can
     /// re-authenticate (an expired token mid-run), `None` if it cannot (a fixed token).
     fn renew(&self, rejected: &Secret) -> Result<Option<Secret>, Classified>;
+    /// The URL of another service of the same cloud (`key-manager`), from the token's catalog;
+    /// `None` from a source that has no catalog (a fixed token).
+    fn endpoint(
+        &self,
+        _service_type: &str,
+        _interface: &str,
+        _region: Option<&str>,
+    ) -> Result<Option<String>, Classified> {
+        Ok(None)
+    }
 }
 
 /// A token given as it is (`--token`, `OS_AUTH_TOKEN`): never renewed.

@@ -4,9 +4,10 @@
 //! (docs/ARCHITECTURE.md):
 //! 5 interface (`cli`, `config`, `manual`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
 //! `instance`, `scan`, `templates`, `disk`, `fetch`, `configdrive`), 2 adapters (`inspect`,
-//! `qemu_img`, `rbd`, `glance`, `openstack`, `fsimage`), 1 ground (`error`, `units`, `digest`, `fsutil`, `process`, `lock`,
-//! `progress`, `http`).
+//! `qemu_img`, `rbd`, `glance`, `barbican`, `openstack`, `fsimage`), 1 ground (`error`, `units`,
+//! `digest`, `fsutil`, `process`, `lock`, `progress`, `http`, `signature`).
 
+pub mod barbican;
 pub mod cache;
 pub mod cli;
 pub mod commands;
@@ -30,6 +31,7 @@ pub mod progress;
 pub mod qemu_img;
 pub mod rbd;
 pub mod scan;
+pub mod signature;
 pub mod templates;
 pub mod units;
 

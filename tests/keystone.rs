@@ -31,7 +31,7 @@ static STACK: Service<Stack> = Service::new(
 
 /// The shared stack, started on first use.
 #[track_caller]
-fn stack() -> &'static Stack {
+pub(crate) fn stack() -> &'static Stack {
     STACK.shared()
 }
 
@@ -46,7 +46,7 @@ impl Stack {
     }
 
     /// `KEY=value` pairs from an env file written by setup-cloud (openrc or app-cred.env).
-    fn env_file(&self, name: &str) -> BTreeMap<String, String> {
+    pub(crate) fn env_file(&self, name: &str) -> BTreeMap<String, String> {
         std::fs::read_to_string(self.dir.join(name))
             .unwrap()
             .lines()
@@ -66,7 +66,7 @@ impl Stack {
     }
 
     /// A project-scoped token for the demo user.
-    fn demo_token(&self) -> String {
+    pub(crate) fn demo_token(&self) -> String {
         let resp = reqwest::blocking::Client::new()
             .post(format!("{}/auth/tokens", self.keystone))
             .header("Content-Type", "application/json")
@@ -87,7 +87,7 @@ impl Stack {
     }
 
     /// Uploads a file as the demo user; returns the image id.
-    fn upload(&self, name: &str, disk_format: &str, file: &Path) -> String {
+    pub(crate) fn upload(&self, name: &str, disk_format: &str, file: &Path) -> String {
         // Glance on sqlite fails concurrent uploads now and then (500, "database is locked"),
         // as with the plain real Glance (support::glance): tests upload one at a time.
         static UPLOADS: Mutex<()> = Mutex::new(());

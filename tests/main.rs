@@ -25,3 +25,4 @@ mod pipe;
 mod prune;
 mod rbd;
 mod resources;
+mod signatures;

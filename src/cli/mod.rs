@@ -346,6 +346,22 @@ pub struct FetchOpts {
     /// conversion is stopped the moment the free space falls to it.
     #[arg(long, default_value = "5%", value_name = "SIZE|PERCENT")]
     pub min_free: String,
+
+    /// Verify each downloaded image's signature (Glance's img_signature* properties, Nova's
+    /// verify_glance_signatures) while it downloads; an image without one is refused (exit 17).
+    /// Certificates come from Barbican, or from --certificate-dir.
+    #[arg(long, env = "IMGCACHE_VERIFY_SIGNATURES")]
+    pub verify_signatures: bool,
+
+    /// A trusted certificate: its Barbican UUID, or a PEM file (a value with a / or a .).
+    /// Repeatable. With any given, the signing certificate must chain to one of them (Nova's
+    /// enable_certificate_validation).
+    #[arg(long, value_name = "ID|FILE")]
+    pub trusted_cert: Vec<String>,
+
+    /// Read certificates from DIR/<uuid>.pem instead of Barbican.
+    #[arg(long, value_name = "DIR")]
+    pub certificate_dir: Option<PathBuf>,
 }
 
 /// `imgcache fetch`.

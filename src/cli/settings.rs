@@ -12,8 +12,8 @@ use crate::cache::Cache;
 use crate::commands::{create, delete, fetch, inspect, list, prune, verify};
 use crate::configdrive;
 use crate::error::UsageError;
-use crate::fetch::Options;
 use crate::fetch::download::MinRate;
+use crate::fetch::{Options, SignaturePolicy, Trusted};
 use crate::http::HttpSettings;
 use crate::inspect::{Format, Limits};
 use crate::openstack;
@@ -213,7 +213,30 @@ fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageErr
                 .saturating_mul(glance.read_timeout.as_secs().max(1)),
             window: glance.read_timeout,
         },
+        signatures: signature_policy(f)?,
     })
+}
+
+/// `--verify-signatures`, `--trusted-cert`, `--certificate-dir`.
+fn signature_policy(f: &FetchOpts) -> Result<Option<SignaturePolicy>, UsageError> {
+    if !f.verify_signatures {
+        if !f.trusted_cert.is_empty() {
+            return Err(UsageError(
+                "--trusted-cert needs --verify-signatures (or verify_signatures = true)".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(t) = f.trusted_cert.iter().find(|t| t.is_empty()) {
+        return Err(UsageError(format!(
+            "invalid --trusted-cert {t:?}: give a certificate UUID or a PEM file"
+        )));
+    }
+    Ok(Some(SignaturePolicy {
+        trusted: f.trusted_cert.iter().map(|t| Trusted::parse(t)).collect(),
+        certificate_dir: f.certificate_dir.clone(),
+        key_manager: None,
+    }))
 }
 
 /// The credential sources and HTTP settings; empty values count as unset.

@@ -34,7 +34,12 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
     for id in &req.ids {
         cache::validate_id("image id", id)?;
     }
-    let client = glance::Client::new(&openstack::glance_settings(&req.access)?)?;
+    let (settings, key_manager) = openstack::connect(&req.access)?;
+    let client = glance::Client::new(&settings)?;
+    let req = Request {
+        opts: req.opts.with_key_manager(key_manager),
+        ..req
+    };
     // Each image's line (or error) is shown the moment it is done, not after the last one.
     let done = |id: &str, result: &Result<Fetched>| match result {
         Ok(f) if !req.json => rep.output(&format!("{} {}", f.id, f.path.display())),

@@ -36,6 +36,8 @@ struct Row {
     last_used: String,
     idle_seconds: u64,
     users: usize,
+    /// The certificate that verified the image's signature (`--verify-signatures`).
+    signature_certificate: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -123,6 +125,7 @@ impl Rows<'_> {
             last_used: rfc3339(unix_secs(mtime)),
             idle_seconds: idle(self.now, mtime).as_secs(),
             users: self.usage.count(name),
+            signature_certificate: rec.and_then(|r| r.signature_certificate.clone()),
         }
     }
 }
@@ -140,13 +143,13 @@ impl Render for Listing {
             .max(40);
         writeln!(
             out,
-            "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
+            "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}  SIGNED BY",
             "TYPE", "ENTRY", "IMAGE ID", "NAME", "FROM", "SIZE", "ALLOCATED", "IDLE", "USERS"
         )?;
         for r in self.entries.iter().chain(&self.temps) {
             writeln!(
                 out,
-                "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}",
+                "{:<9} {:<width$} {:<36} {:<20} {:<6} {:>10} {:>10} {:>9} {:>5}  {}",
                 r.kind,
                 printable(&r.name),
                 r.image_id
@@ -161,7 +164,8 @@ impl Render for Listing {
                 human(r.size),
                 human(r.allocated),
                 ago(Duration::from_secs(r.idle_seconds)),
-                r.users
+                r.users,
+                r.signature_certificate.as_deref().unwrap_or("-")
             )?;
         }
         writeln!(

@@ -55,6 +55,8 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
         crate::fetch::Error,
         crate::openstack::keystone::Error,
         crate::rbd::Error,
+        crate::signature::Error,
+        crate::barbican::Error,
         crate::templates::Error,
         crate::fsimage::Error,
         crate::configdrive::Error,

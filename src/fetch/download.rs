@@ -10,6 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use openssl::hash::MessageDigest;
 
 use super::hash::{CHUNK, Digests, HashThread, ToHasher};
 use super::retry;
@@ -26,6 +27,8 @@ pub struct Download<'a> {
     pub opts: &'a Options,
     pub rep: &'a dyn Reporter,
     pub bar: &'a dyn Transfer,
+    /// The hash of the image's signature (`--verify-signatures`), fed the same buffers.
+    pub signed: Option<MessageDigest>,
 }
 
 impl Download<'_> {
@@ -33,7 +36,7 @@ impl Download<'_> {
     /// received and the digests.
     pub fn run(&self, algo: &str) -> Result<(u64, Digests, File)> {
         let mut file = open_part(self.part)?;
-        let hasher = HashThread::start(algo)?;
+        let hasher = HashThread::start_signed(algo, self.signed)?;
         let mut pos = self.resume(&mut file, &hasher)?;
         self.bar.set_position(pos);
         let mut failures = 0;
@@ -338,12 +341,13 @@ fn fill(src: &mut dyn Read, buf: &mut [u8]) -> (usize, Fill) {
     (filled, Fill::More)
 }
 
-/// Copies a `file://` direct_url into `part`, hashing the same way. Only a regular file is
-/// read, and never past `limit` (the record's size, or `--max-image-size`) plus one byte.
+/// Copies a `file://` direct_url into `part`, hashing the same way (Glance's algorithm and the
+/// signature's hash, if any). Only a regular file is read, and never past `limit` (the record's
+/// size, or `--max-image-size`) plus one byte.
 pub fn download_direct(
     src: &Path,
     part: &Path,
-    algo: &str,
+    (algo, signed): (&str, Option<MessageDigest>),
     limit: u64,
     rep: &dyn Reporter,
     bar: &dyn Transfer,
@@ -363,7 +367,7 @@ pub fn download_direct(
     if file.metadata().map(|m| m.len()).unwrap_or(1) > 0 {
         truncate(&mut file, part)?;
     }
-    let hasher = HashThread::start(algo)?;
+    let hasher = HashThread::start_signed(algo, signed)?;
     let n = match pump(&mut input, &mut file, &hasher, 0, bar) {
         Ok(n) => n,
         Err(PumpError::Read(e, _)) => {

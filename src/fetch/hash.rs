@@ -56,6 +56,21 @@ impl GlanceHash {
     }
 }
 
+/// The hash a signature was made over (`img_signature_hash_method`).
+struct SignedHash {
+    md: MessageDigest,
+    hasher: Hasher,
+}
+
+impl SignedHash {
+    fn new(md: MessageDigest) -> Result<SignedHash, openssl::error::ErrorStack> {
+        Ok(SignedHash {
+            md,
+            hasher: Hasher::new(md)?,
+        })
+    }
+}
+
 /// Message from the writer to the hashing thread.
 pub enum ToHasher {
     Data(Vec<u8>),
@@ -63,7 +78,6 @@ pub enum ToHasher {
     Reset,
 }
 
-/// The digests of a download: Glance's algorithm, and the content digest the record keeps.
 /// Glance's hash of a whole file, read from its start through our descriptor.
 pub fn hash_file(file: &std::fs::File, algo: &str) -> Result<String> {
     use std::os::unix::fs::FileExt;
@@ -81,9 +95,12 @@ pub fn hash_file(file: &std::fs::File, algo: &str) -> Result<String> {
     Ok(h.finish_hex()?)
 }
 
+/// The digests of a download: Glance's algorithm, the content digest the record keeps, and
+/// (with `--verify-signatures`) the digest the image's signature was made over.
 pub struct Digests {
     pub glance: String,
     pub content: String,
+    pub signed: Option<Vec<u8>>,
 }
 
 /// Hashes on its own thread what the writer sends.
@@ -94,9 +111,14 @@ pub struct HashThread {
 }
 
 impl HashThread {
-    /// Starts the thread for Glance's algorithm `algo`.
-    pub fn start(algo: &str) -> Result<HashThread> {
+    /// Starts the thread for Glance's algorithm `algo` and, when `signed` is given, the
+    /// signature's hash too: both see every buffer, so the data is read once.
+    pub fn start_signed(algo: &str, signed: Option<MessageDigest>) -> Result<HashThread> {
         let mut hasher = GlanceHash::new(algo).context("unsupported hash algorithm")?;
+        let mut signed = match signed {
+            Some(md) => Some(SignedHash::new(md)?),
+            None => None,
+        };
         let (tx, rx) = mpsc::sync_channel::<ToHasher>(QUEUE);
         let (free_tx, free) = mpsc::channel();
         let handle = thread::Builder::new()
@@ -109,17 +131,27 @@ impl HashThread {
                         ToHasher::Data(buf) => {
                             hasher.update(&buf)?;
                             content.update(&buf);
+                            if let Some(s) = signed.as_mut() {
+                                s.hasher.update(&buf)?;
+                            }
                             let _ = free_tx.send(buf);
                         }
                         ToHasher::Reset => {
                             hasher.reset()?;
                             content = ContentHasher::new();
+                            if let Some(s) = signed.as_mut() {
+                                *s = SignedHash::new(s.md)?;
+                            }
                         }
                     }
                 }
                 Ok(Digests {
                     glance: hasher.finish_hex()?,
                     content: content.finish(),
+                    signed: match signed {
+                        Some(mut s) => Some(s.hasher.finish()?.to_vec()),
+                        None => None,
+                    },
                 })
             })
             .context("cannot start the hashing thread")?;

@@ -8,6 +8,7 @@ pub mod download;
 mod hash;
 mod persist;
 mod retry;
+mod signed;
 mod verify;
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 pub use hash::GlanceHash;
+pub use signed::{Policy as SignaturePolicy, Trusted};
 pub use verify::second_opinion;
 
 use crate::cache::{Cache, Entry, Record};
@@ -132,6 +134,8 @@ pub struct Options {
     pub revalidate: bool,
     /// Replace a cached entry whose image changed in Glance, if no instance uses it.
     pub replace: bool,
+    /// `--verify-signatures`: where certificates come from; `None` when off.
+    pub signatures: Option<signed::Policy>,
 }
 
 /// A cache entry ready to use.
@@ -409,13 +413,15 @@ impl Build<'_> {
         let id = self.image.id.as_str();
         let part = self.entry.part_path();
         let (algo, expected) = verify::hash_spec(self.image)?;
+        let check = self.signature_check()?;
+        let signed = check.as_ref().map(signed::Check::digest);
         self.bar.set_length(self.image.size);
         self.bar.stage("downloading");
         let started = std::time::Instant::now();
         let received = match download::direct_file(self.image, self.opts, self.rep) {
             Some(src) => {
                 let limit = self.image.size.unwrap_or(self.opts.max_image_size);
-                download::download_direct(&src, &part, &algo, limit, self.rep, self.bar)
+                download::download_direct(&src, &part, (&algo, signed), limit, self.rep, self.bar)
             }
             None => download::Download {
                 glance,
@@ -424,6 +430,7 @@ impl Build<'_> {
                 opts: self.opts,
                 rep: self.rep,
                 bar: self.bar,
+                signed,
             }
             .run(&algo),
         };
@@ -441,6 +448,7 @@ impl Build<'_> {
         ));
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
             .and_then(|()| self.still_undisturbed(&file, &algo, &expected))
+            .and_then(|()| check.map_or(Ok(()), |c| c.verify(id, &digest)))
             .and_then(|()| self.inspect_and_persist(&file, &algo, size, &digest.content));
         if verified.is_err() {
             let _ = fsutil::remove_own(&part);
@@ -451,5 +459,21 @@ impl Build<'_> {
             self.entry.path().display()
         ));
         Ok(record)
+    }
+}
+
+impl Build<'_> {
+    /// `--verify-signatures`: the image's signature properties and certificate, checked before
+    /// the download. Any failure here removes a `.part` a killed run left too: the cache keeps
+    /// nothing of an image it could not verify.
+    fn signature_check(&self) -> Result<Option<signed::Check>> {
+        let Some(policy) = &self.opts.signatures else {
+            return Ok(None);
+        };
+        signed::Check::prepare(self.image, policy, self.rep)
+            .map(Some)
+            .inspect_err(|_| {
+                let _ = fsutil::remove_own(&self.entry.part_path());
+            })
     }
 }

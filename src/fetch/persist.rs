@@ -87,6 +87,7 @@ impl Build<'_> {
             fetched_at: stamp,
             fetched_at_unix: now,
             properties: image.properties(),
+            signature_certificate: self.signature_certificate(),
         };
         // Record first, entry second: a crash in between leaves a record without an entry,
         // which is ignored and overwritten, never an entry without its record.

@@ -27,10 +27,12 @@ pub enum Error {
         body: String,
     },
     #[error(
-        "no image endpoint with interface {interface:?}{} in the service catalog (available: {available}); set --os-region-name / OS_REGION_NAME, OS_INTERFACE, or OS_IMAGE_URL",
-        .region.as_deref().map(|r| format!(" in region {r:?}")).unwrap_or_default()
+        "no {service} endpoint with interface {interface:?}{} in the service catalog (available: {available}); set --os-region-name / OS_REGION_NAME, OS_INTERFACE{}",
+        .region.as_deref().map(|r| format!(" in region {r:?}")).unwrap_or_default(),
+        if .service == "image" { ", or OS_IMAGE_URL" } else { "" }
     )]
     NoEndpoint {
+        service: String,
         interface: String,
         region: Option<String>,
         available: String,
@@ -301,10 +303,20 @@ impl Session {
 
     /// The `image` endpoint for `interface` (and `region`, if given) from the token's catalog.
     pub fn image_endpoint(&self, interface: &str, region: Option<&str>) -> Result<String, Error> {
+        self.service_endpoint("image", interface, region)
+    }
+
+    /// The endpoint of `service_type` for `interface` (and `region`) from the token's catalog.
+    pub fn service_endpoint(
+        &self,
+        service_type: &str,
+        interface: &str,
+        region: Option<&str>,
+    ) -> Result<String, Error> {
         let token = self.current()?;
         let mut available = Vec::new();
         for service in token.catalog.as_array().into_iter().flatten() {
-            if service.get("type").and_then(Value::as_str) != Some("image") {
+            if service.get("type").and_then(Value::as_str) != Some(service_type) {
                 continue;
             }
             for ep in service
@@ -329,6 +341,7 @@ impl Session {
             }
         }
         Err(Error::NoEndpoint {
+            service: service_type.to_owned(),
             interface: interface.to_owned(),
             region: region.map(str::to_owned),
             available: if available.is_empty() {
@@ -359,5 +372,18 @@ impl TokenSource for Session {
         let t = self.authenticate()?;
         *slot = Some(t.clone());
         Ok(Some(t.value))
+    }
+
+    fn endpoint(
+        &self,
+        service_type: &str,
+        interface: &str,
+        region: Option<&str>,
+    ) -> Result<Option<String>, Classified> {
+        Ok(Some(self.service_endpoint(
+            service_type,
+            interface,
+            region,
+        )?))
     }
 }

@@ -8,6 +8,7 @@ pub mod keystone;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::barbican;
 use crate::error::UsageError;
 use crate::glance;
 use crate::http::{HttpSettings, Secret, StaticToken, TokenSource};
@@ -230,6 +231,12 @@ pub struct Access {
 /// Resolves how to reach Glance: flags > OS_* environment > clouds.yaml, then Keystone (if
 /// credentials are given) for a token and the catalog's image endpoint.
 pub fn glance_settings(access: &Access) -> Result<glance::Settings, anyhow::Error> {
+    Ok(connect(access)?.0)
+}
+
+/// Like [`glance_settings`], and Barbican's settings on the same session (its token and
+/// catalog, the same interface and region), for the certificates of signed images.
+pub fn connect(access: &Access) -> Result<(glance::Settings, barbican::Settings), anyhow::Error> {
     let creds = resolve(&access.flags, &|k| std::env::var(k).ok())?;
     let http = HttpSettings {
         cacert: creds.cacert.clone(),
@@ -237,9 +244,18 @@ pub fn glance_settings(access: &Access) -> Result<glance::Settings, anyhow::Erro
         ..access.http.clone()
     };
     let endpoint = endpoint(&creds, &http)?;
-    Ok(glance::Settings {
-        url: endpoint.url,
-        auth: endpoint.auth,
-        http,
-    })
+    let key_manager = barbican::Settings {
+        auth: endpoint.auth.clone(),
+        interface: creds.interface.clone().unwrap_or_else(|| "public".into()),
+        region: creds.region_name.clone(),
+        http: http.clone(),
+    };
+    Ok((
+        glance::Settings {
+            url: endpoint.url,
+            auth: endpoint.auth,
+            http,
+        },
+        key_manager,
+    ))
 }

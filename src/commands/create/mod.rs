@@ -31,7 +31,12 @@ use job::{Base, Job, Made, Status, check_size};
 pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
     cache::validate_id("image id", &req.image)?;
     let inst = Instance::resolve(&req.cache, &req.instance)?;
-    let client = glance::Client::new(&openstack::glance_settings(&req.access)?)?;
+    let (settings, key_manager) = openstack::connect(&req.access)?;
+    let client = glance::Client::new(&settings)?;
+    let req = Request {
+        opts: req.opts.with_key_manager(key_manager),
+        ..req
+    };
     req.cache.ensure_dirs()?;
     let _instance_lock = inst.lock(req.opts.lock_timeout, rep)?;
     let created_dir = inst.ensure_dir()?;
