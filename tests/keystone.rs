@@ -92,19 +92,27 @@ impl Stack {
         // as with the plain real Glance (support::glance): tests upload one at a time.
         static UPLOADS: Mutex<()> = Mutex::new(());
         let _one_at_a_time = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
-        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance/upload"))
-            .args([&self.glance, name])
-            .arg(file)
-            .arg(disk_format)
-            .env("IMGCACHE_GLANCE_TOKEN", self.demo_token())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        // Setup, not what is under test: a failed upload (a 500 under load) is tried again.
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            let out =
+                Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/glance/upload"))
+                    .args([&self.glance, name])
+                    .arg(file)
+                    .arg(disk_format)
+                    .env("IMGCACHE_GLANCE_TOKEN", self.demo_token())
+                    .output()
+                    .unwrap();
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(500 * attempt));
+        }
+        panic!(
+            "upload of {name} failed three times (logs: {}): {last}",
+            self.dir.display()
+        )
     }
 
     fn image(&self, name: &str, len: usize, seed: u64) -> (String, Vec<u8>) {

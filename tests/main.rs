@@ -18,6 +18,7 @@ mod help;
 mod hostile;
 mod keystone;
 mod man;
+mod messages;
 mod nova;
 mod operator;
 mod package;

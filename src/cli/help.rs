@@ -21,7 +21,10 @@ pub const NO_CACHE: &[&str] = &["inspect", "completions", "man", "config templat
 /// The exit codes each command can end with (docs/usage.md has the meaning of each). A command
 /// not listed shows none in its help, and 0, 1 and 2 on its man page.
 pub const EXIT_CODES: &[(&str, &[u8])] = &[
-    ("fetch", &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14, 15, 16, 17]),
+    (
+        "fetch",
+        &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14, 15, 16, 17],
+    ),
     (
         "create",
         &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16, 17],

@@ -104,13 +104,26 @@ impl RealGlance {
         // Glance on sqlite fails concurrent uploads now and then (500, "database is locked"):
         // tests upload one at a time.
         let _one_at_a_time = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
-        let id = self.create_with(name, disk_format, props);
-        let resp = Self::http()
-            .put(format!("{}/v2/images/{id}/file", self.url))
-            .header("Content-Type", "application/octet-stream")
-            .body(std::fs::File::open(file).expect("open upload"))
-            .send()
-            .expect("upload");
+        let mut attempt = 0;
+        let (id, resp) = loop {
+            attempt += 1;
+            let id = self.create_with(name, disk_format, props);
+            let resp = Self::http()
+                .put(format!("{}/v2/images/{id}/file", self.url))
+                .header("Content-Type", "application/octet-stream")
+                .body(std::fs::File::open(file).expect("open upload"))
+                .send()
+                .expect("upload");
+            // Setup, not what is under test: a 5xx (sqlite busy under load) is tried again.
+            if resp.status().is_server_error() && attempt < 3 {
+                let _ = Self::http()
+                    .delete(format!("{}/v2/images/{id}", self.url))
+                    .send();
+                std::thread::sleep(std::time::Duration::from_millis(500 * attempt));
+                continue;
+            }
+            break (id, resp);
+        };
         let status = resp.status().as_u16();
         if status != 204 {
             let body = resp.text().unwrap_or_default();
