@@ -63,8 +63,17 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     if is_broken_pipe(e) {
         return ExitCode::SUCCESS;
     }
-    eprintln!("imgcache: {}", chain(e));
-    ExitCode::from(kind_of(e).exit_code())
+    let kind = kind_of(e);
+    let mut msg = chain(e);
+    // Every command gives the same hint a read-only or unwritable cache needs, whichever file
+    // it was writing when it found out.
+    if kind == imgcache::error::Kind::NotWritable && !msg.contains("permission") {
+        msg.push_str(
+            "; check that the instances path is writable by this user and its filesystem is not read-only",
+        );
+    }
+    eprintln!("imgcache: {msg}");
+    ExitCode::from(kind.exit_code())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

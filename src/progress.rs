@@ -24,6 +24,9 @@ pub trait Reporter: Send + Sync {
     fn trace(&self, _msg: &str) {}
     /// A progress display for one transfer or step.
     fn transfer(&self, label: &str) -> Box<dyn Transfer>;
+    /// The labels of the transfers to come, in the order their bars are shown (the order the
+    /// user gave the images), whichever starts first.
+    fn expect(&self, _labels: &[String]) {}
     /// A result line on stdout, written as soon as it is known (between progress bars, which
     /// are not torn). A closed stdout is ignored here; the command's exit tells the rest.
     fn output(&self, line: &str) {
@@ -66,7 +69,14 @@ pub struct Terminal {
     multi: Option<MultiProgress>,
     quiet: bool,
     verbose: u8,
+    /// Labels in the order their bars are shown ([`Reporter::expect`]).
+    order: std::sync::Mutex<Vec<String>>,
+    /// The ranks (positions in `order`) of the bars on screen, top to bottom.
+    shown: Shown,
 }
+
+/// The ranks of the bars on screen, top to bottom, shared with each bar.
+type Shown = std::sync::Arc<std::sync::Mutex<Vec<usize>>>;
 
 impl Terminal {
     /// `quiet` keeps only warnings; `verbose` ≥ 1 shows debug lines.
@@ -76,6 +86,8 @@ impl Terminal {
             multi: bars.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
             quiet,
             verbose,
+            order: std::sync::Mutex::new(Vec::new()),
+            shown: std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
         }
     }
 
@@ -125,15 +137,38 @@ impl Reporter for Terminal {
         }
     }
 
+    fn expect(&self, labels: &[String]) {
+        if let Ok(mut order) = self.order.lock() {
+            *order = labels.to_vec();
+        }
+    }
+
     fn transfer(&self, label: &str) -> Box<dyn Transfer> {
         let Some(multi) = &self.multi else {
             return Box::new(NoBar);
         };
-        let bar = multi.add(ProgressBar::no_length());
+        // The second image's bar goes below the first's even if it started first.
+        let rank = self
+            .order
+            .lock()
+            .ok()
+            .and_then(|o| o.iter().position(|l| l == label))
+            .unwrap_or(usize::MAX);
+        let bar = match self.shown.lock() {
+            Ok(mut shown) => {
+                let at = shown.iter().filter(|r| **r <= rank).count();
+                shown.insert(at, rank);
+                multi.insert(at, ProgressBar::no_length())
+            }
+            Err(_) => multi.add(ProgressBar::no_length()),
+        };
         bar.set_style(style(Shape::Spinner));
         bar.set_prefix(short_label(label));
         bar.enable_steady_tick(Duration::from_millis(200));
-        Box::new(Bar { bar })
+        Box::new(Bar {
+            bar,
+            multi: Some((multi.clone(), self.shown.clone(), rank)),
+        })
     }
 }
 
@@ -172,6 +207,8 @@ fn style(shape: Shape) -> ProgressStyle {
 
 struct Bar {
     bar: ProgressBar,
+    /// Where it is shown, to leave that place when done.
+    multi: Option<(MultiProgress, Shown, usize)>,
 }
 
 impl Transfer for Bar {
@@ -203,6 +240,14 @@ impl Transfer for Bar {
 impl Drop for Bar {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
+        if let Some((multi, shown, rank)) = self.multi.take() {
+            multi.remove(&self.bar);
+            if let Ok(mut shown) = shown.lock()
+                && let Some(at) = shown.iter().position(|r| *r == rank)
+            {
+                shown.remove(at);
+            }
+        }
     }
 }
 

@@ -389,11 +389,12 @@ fn bad_config_drive_inputs_are_usage_errors_naming_the_flag() {
         r.assert_code(2);
         assert!(r.stderr.contains("--hostname"), "{}", r.stderr);
     }
-    // A content flag without --config-drive names both.
+    // A content flag without --config-drive names the flag it needs.
     let r = run(create().args(["--user-data", &limit]));
     r.assert_code(2);
     assert!(
-        r.stderr.contains("--config-drive") && r.stderr.contains("--user-data"),
+        r.stderr.contains("required arguments were not provided")
+            && r.stderr.contains("--config-drive"),
         "{}",
         r.stderr
     );

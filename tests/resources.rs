@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::fault_server::{FaultServer, Image};
-use crate::support::{Cache, entry_name, make_qcow2, qemu_img, run, test_bytes};
+use crate::support::{Cache, entry_name, imgcache, make_qcow2, qemu_img, run, test_bytes};
 
 /// A size-limited tmpfs, unmounted on drop.
 struct Tmpfs {
@@ -184,6 +184,31 @@ fn read_only_cache_is_a_clear_error() {
     r.assert_code(14);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("Read-only file system"), "{}", r.stderr);
+}
+
+#[test]
+fn create_on_a_read_only_cache_gives_the_same_hint_as_fetch() {
+    let fs = Tmpfs::new("8m", "");
+    let srv = FaultServer::start(Image::raw("ro", test_bytes(1 << 20, 94)));
+    fetch(fs.path(), &srv.url, "ro").assert_code(0);
+    // The cache is there; then its filesystem turns read-only (a failing disk, an operator).
+    let out = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(fs.path())
+        .output()
+        .unwrap();
+    crate::support::assert_exit_ok(&out);
+    let r = run(imgcache()
+        .args(["create", "--instances-path"])
+        .arg(fs.path())
+        .args(["--glance-url", &srv.url, "--image", "ro", "vm1"]));
+    r.assert_code(14);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Read-only file system") && r.stderr.contains("writable"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -46,6 +46,7 @@ pub fn run(req: Request, rep: &dyn Reporter) -> Result<Outcome> {
         Ok(_) => {}
         Err(e) => rep.error(&failure_text(id, e)),
     };
+    rep.expect(&req.ids);
     let results = fetch_all(&req, &client, rep, &done);
     let mut first_failure = None;
     let mut report = Report { images: Vec::new() };
