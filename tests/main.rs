@@ -18,6 +18,7 @@ mod hostile;
 mod keystone;
 mod nova;
 mod operator;
+mod overlay;
 mod prune;
 mod rbd;
 mod resources;
