@@ -22,3 +22,4 @@ mod overlay;
 mod prune;
 mod rbd;
 mod resources;
+mod sparse_fetch;
