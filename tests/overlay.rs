@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::fault_server::{FaultServer, Image};
-use crate::support::{entry_name, imgcache, qemu_img, qemu_info, run, test_bytes};
+use crate::support::{entry_name, imgcache, make_qcow2, qemu_img, qemu_info, run, test_bytes};
 
 const MIB: u64 = 1 << 20;
 const BASE_LEN: usize = 1000;
@@ -32,13 +32,24 @@ fn deep_instances(root: &Path, total: usize) -> PathBuf {
 }
 
 fn create(srv: &FaultServer, instances: &Path, vm: &str, size: u64) -> crate::support::Run {
+    create_with(srv, instances, vm, size, &[])
+}
+
+fn create_with(
+    srv: &FaultServer,
+    instances: &Path,
+    vm: &str,
+    size: u64,
+    extra: &[&str],
+) -> crate::support::Run {
     run(imgcache()
         .arg("create")
         .arg("--instances-path")
         .arg(instances)
         .args(["--glance-url", &srv.url, "--retry-backoff", "50ms", vm])
         .args(["--image", "overlay-base", "--backend", "qcow2"])
-        .args(["--size", &size.to_string()]))
+        .args(["--size", &size.to_string()])
+        .args(extra))
 }
 
 fn path_str(p: &Path) -> &str {
@@ -72,7 +83,19 @@ fn described(info: &serde_json::Value) -> serde_json::Value {
 }
 
 fn check_one(srv: &FaultServer, instances: &Path, vm: &str, size: u64) {
-    let r = create(srv, instances, vm, size);
+    check_one_with(srv, instances, vm, size, "raw", &[]);
+}
+
+/// [`check_one`] for a base in `base_fmt`, made with `extra` create flags.
+fn check_one_with(
+    srv: &FaultServer,
+    instances: &Path,
+    vm: &str,
+    size: u64,
+    base_fmt: &str,
+    extra: &[&str],
+) {
+    let r = create_with(srv, instances, vm, size, extra);
     r.assert_code(0);
     let disk = instances.join(vm).join("disk");
     let base = instances.join("_base").join(entry_name("overlay-base"));
@@ -88,7 +111,7 @@ fn check_one(srv: &FaultServer, instances: &Path, vm: &str, size: u64) {
         "-b",
         path_str(&base),
         "-F",
-        "raw",
+        base_fmt,
         path_str(&reference),
         &size.to_string(),
     ]);
@@ -113,7 +136,7 @@ fn check_one(srv: &FaultServer, instances: &Path, vm: &str, size: u64) {
             "-f",
             "qcow2",
             "-F",
-            "raw",
+            base_fmt,
             path_str(&disk),
             path_str(&base),
         ])
@@ -179,6 +202,26 @@ fn native_overlays_match_qemu_img_create_and_pass_its_checks() {
     }
     let base = deep.join("_base").join(entry_name("overlay-base"));
     assert_eq!(base.as_os_str().len(), 1023);
+}
+
+#[test]
+fn a_qcow2_base_kept_with_no_force_raw_is_named_as_qcow2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, qcow) = make_qcow2(tmp.path(), "base", &test_bytes(MIB as usize, 65));
+    let mut img = Image::raw("overlay-base", std::fs::read(&qcow).unwrap());
+    img.disk_format = "qcow2".into();
+    let srv = FaultServer::start(img);
+    let root = tempfile::tempdir().unwrap();
+    for (i, size) in [64 * MIB, 16 << 40].into_iter().enumerate() {
+        check_one_with(
+            &srv,
+            root.path(),
+            &format!("vm-{i}"),
+            size,
+            "qcow2",
+            &["--no-force-raw"],
+        );
+    }
 }
 
 #[test]
