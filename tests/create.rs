@@ -335,6 +335,7 @@ fn qemu_img_failing_mid_create_leaves_no_half_disk() {
     .unwrap();
     let r = run(cache
         .create(&g.url, "vm-fail", &id)
+        .env("IMGCACHE_OVERLAY_WRITER", "qemu-img")
         .env("IMGCACHE_QEMU_IMG", &wrapper));
     r.assert_code(11);
     assert!(r.stderr.contains("simulated failure"), "{}", r.stderr);
@@ -349,6 +350,7 @@ fn qemu_img_failing_mid_create_leaves_no_half_disk() {
     std::fs::write(dir.join("console.log"), b"keep me").unwrap();
     let r = run(cache
         .create(&g.url, "vm-fail2", &id)
+        .env("IMGCACHE_OVERLAY_WRITER", "qemu-img")
         .env("IMGCACHE_QEMU_IMG", &wrapper));
     r.assert_code(11);
     assert_eq!(Cache::files_in(&dir), vec!["console.log".to_owned()]);

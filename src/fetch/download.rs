@@ -4,7 +4,7 @@
 //! I/O errors on the cache; only Glance's failures are retried.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use openssl::hash::MessageDigest;
 
 use super::hash::{CHUNK, Digests, HashThread, ToHasher};
 use super::retry;
+use super::sink::Sink;
 use super::{Error, Options};
 use crate::fsutil;
 use crate::glance::{self, Client, Data, Image};
@@ -125,7 +126,7 @@ impl Download<'_> {
         let limit = self.image.size.unwrap_or(self.opts.max_image_size);
         let cap = limit.saturating_sub(*pos) + 1;
         let mut guarded = RateGuard::new((&mut body).take(cap), self.opts.min_rate);
-        let pumped = pump(&mut guarded, file, hasher, *pos, self.bar);
+        let pumped = pump(&mut guarded, file, hasher, *pos, self.bar, self.writeback());
         match pumped {
             Ok(n) => *pos += n,
             Err(PumpError::Read(e, n)) => {
@@ -206,6 +207,13 @@ impl Download<'_> {
                 body
             }
         }))
+    }
+
+    /// Early writeback pays only for a `.part` that becomes the entry: one that is converted
+    /// to raw is deleted after the conversion, and its dirty pages may never need writing.
+    fn writeback(&self) -> bool {
+        let raw = self.image.disk_format.as_deref().is_none_or(|f| f == "raw");
+        raw || !self.opts.force_raw
     }
 
     fn too_long(&self, expected: u64) -> anyhow::Error {
@@ -289,32 +297,53 @@ enum PumpError {
     Write(std::io::Error),
 }
 
-/// Reads `src` to its end, appending to `file` and feeding the hasher. Returns bytes copied.
+/// Reads `src` to its end, appending to `file` (zero blocks as holes, see [`Sink`]) and
+/// feeding the hasher every byte. Returns bytes copied; however it stops, the file is then
+/// exactly as long as what it holds of the stream.
 fn pump(
     src: &mut dyn Read,
     file: &mut File,
     hasher: &HashThread,
-    mut pos: u64,
+    pos: u64,
     bar: &dyn Transfer,
+    writeback: bool,
 ) -> Result<u64, PumpError> {
-    let start = pos;
+    let mut end = pos;
+    let mut sink = Sink::new(pos, writeback);
+    let pumped = pump_into(src, file, hasher, &mut end, bar, &mut sink);
+    // Also after a failed read: the retry resumes from `end`, and a write error is final.
+    if !matches!(pumped, Err(PumpError::Write(_))) {
+        sink.finish(file, end).map_err(PumpError::Write)?;
+    }
+    pumped.map(|()| end - pos)
+}
+
+fn pump_into(
+    src: &mut dyn Read,
+    file: &mut File,
+    hasher: &HashThread,
+    pos: &mut u64,
+    bar: &dyn Transfer,
+    sink: &mut Sink,
+) -> Result<(), PumpError> {
+    let start = *pos;
     loop {
         let mut buf = hasher.buffer();
         buf.resize(CHUNK, 0);
         let (filled, end) = fill(src, &mut buf);
         buf.truncate(filled);
         if filled > 0 {
-            file.write_all(&buf).map_err(PumpError::Write)?;
+            sink.write(file, &buf, *pos).map_err(PumpError::Write)?;
             hasher
                 .send(ToHasher::Data(buf))
                 .map_err(|e| PumpError::Write(std::io::Error::other(e.to_string())))?;
-            pos += filled as u64;
-            bar.set_position(pos);
+            *pos += filled as u64;
+            bar.set_position(*pos);
         }
         match end {
             Fill::More => {}
-            Fill::Eof => return Ok(pos - start),
-            Fill::Failed(e) => return Err(PumpError::Read(e, pos - start)),
+            Fill::Eof => return Ok(()),
+            Fill::Failed(e) => return Err(PumpError::Read(e, *pos - start)),
         }
     }
 }
@@ -368,7 +397,8 @@ pub fn download_direct(
         truncate(&mut file, part)?;
     }
     let hasher = HashThread::start_signed(algo, signed)?;
-    let n = match pump(&mut input, &mut file, &hasher, 0, bar) {
+    // No early writeback: whether this `.part` is converted (and deleted) is not known here.
+    let n = match pump(&mut input, &mut file, &hasher, 0, bar, false) {
         Ok(n) => n,
         Err(PumpError::Read(e, _)) => {
             return Err(anyhow::Error::new(e).context(format!("cannot read {}", src.display())));

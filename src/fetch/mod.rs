@@ -1,6 +1,7 @@
 //! Getting one image into the cache, split by job: [`download`] (the loop into `.part`, resume,
-//! retries), [`hash`] (the hash pipeline), [`retry`] (the policy), [`verify`] (size, hash,
-//! qemu-img's second opinion, free space) and [`persist`] (inspect, convert, record, rename).
+//! retries), [`sink`] (zero blocks as holes, early writeback), [`hash`] (the hash pipeline),
+//! [`retry`] (the policy), [`verify`] (size, hash, qemu-img's second opinion, free space) and
+//! [`persist`] (inspect, convert, record, rename).
 //! This file holds the protocol around them: lock, re-check, ask Glance, build, clean up. Used
 //! by `imgcache fetch` and by every command that needs a base.
 
@@ -9,6 +10,7 @@ mod hash;
 mod persist;
 mod retry;
 mod signed;
+mod sink;
 mod verify;
 
 use std::path::PathBuf;

@@ -89,7 +89,10 @@ impl Image {
 }
 
 struct State {
+    /// The image without its data, which is shared: a request never copies it (images of a
+    /// GiB, mostly zeros that were never touched, stay cheap).
     image: Image,
+    data: Arc<Vec<u8>>,
     script: VecDeque<Action>,
     seen: Vec<Seen>,
     /// Sleep between 64 KiB chunks, to make a transfer slow enough to interrupt.
@@ -104,11 +107,13 @@ pub struct FaultServer {
 }
 
 impl FaultServer {
-    pub fn start(image: Image) -> FaultServer {
+    pub fn start(mut image: Image) -> FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let data = Arc::new(std::mem::take(&mut image.data));
         let state = Arc::new(Mutex::new(State {
             image,
+            data,
             script: VecDeque::new(),
             seen: Vec::new(),
             pace: None,
@@ -186,14 +191,14 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
         });
         st.seen.len() - 1
     };
-    let (image, action, pace) = {
+    let (image, action, pace, data) = {
         let mut st = state.lock().unwrap();
         let action = if path.ends_with("/file") {
             st.script.pop_front().unwrap_or(Action::Normal)
         } else {
             Action::Normal
         };
-        (st.image.clone(), action, st.pace)
+        (st.image.clone(), action, st.pace, st.data.clone())
     };
     let mut image = image;
     if image.any_id
@@ -218,7 +223,7 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
             None,
         )?
     } else if path == format!("{record_path}/file") {
-        serve_file(&mut out, &image, range.as_deref(), action, pace)?
+        serve_file(&mut out, &data, range.as_deref(), action, pace)?
     } else {
         respond(&mut out, 404, &[], b"not found", None, None)?
     };
@@ -230,12 +235,12 @@ fn serve(conn: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
 
 fn serve_file(
     out: &mut TcpStream,
-    image: &Image,
+    data: &[u8],
     range: Option<&str>,
     action: Action,
     pace: Option<Duration>,
 ) -> std::io::Result<(u16, u64)> {
-    let total = image.data.len() as u64;
+    let total = data.len() as u64;
     let start = range
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
@@ -265,7 +270,7 @@ fn serve_file(
         }
         _ => (200, 0),
     };
-    let body = &image.data[from as usize..];
+    let body = &data[from as usize..];
     let mut headers = vec![("Content-Type", "application/octet-stream".to_owned())];
     if code == 206 {
         headers.push((

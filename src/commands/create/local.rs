@@ -15,6 +15,7 @@ use crate::error::UsageError;
 use crate::fsutil::{self, TempFile};
 use crate::inspect::{self, Format};
 use crate::instance::DiskRecord;
+use crate::qcow2_write;
 use crate::qemu_img;
 
 /// What is at a disk's path before it is made.
@@ -124,6 +125,31 @@ impl Job<'_> {
                 found: found.format.name().into(),
             }
             .into());
+        }
+        self.write_overlay(base, tmp, size)
+    }
+
+    /// Writes the overlay natively (the bytes `qemu-img create` writes, without starting it:
+    /// docs/benchmarks.md), through the temp file's descriptor. `qemu-img create` writes
+    /// whatever the native writer does not know (a backing name over 1023 bytes, a size past
+    /// qemu's L1 limit: qemu-img then gives its own error), and everything when
+    /// `IMGCACHE_OVERLAY_WRITER=qemu-img` asks for it.
+    fn write_overlay(&self, base: &Base, tmp: &TempFile, size: u64) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let forced = std::env::var_os("IMGCACHE_OVERLAY_WRITER").is_some_and(|v| v == "qemu-img");
+        let layout = qcow2_write::Layout::new(base.path.as_os_str().as_bytes(), &base.format, size);
+        match layout {
+            Ok(layout) if !forced => {
+                return layout
+                    .write(tmp.file())
+                    .with_context(|| format!("cannot write {}", tmp.path().display()));
+            }
+            Ok(_) => self
+                .rep
+                .debug("IMGCACHE_OVERLAY_WRITER=qemu-img: overlay by qemu-img create"),
+            Err(why) => self
+                .rep
+                .debug(&format!("overlay by qemu-img create: {why}")),
         }
         qemu_img::create_overlay(tmp.file(), tmp.path(), &base.path, &base.format, size)?;
         Ok(())
