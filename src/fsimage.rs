@@ -108,22 +108,10 @@ fn run(cmd: Command, tool: &str, out: &File) -> Result<(), Error> {
     Ok(())
 }
 
-/// Looks a tool up in PATH and in the sbin directories (cron's PATH often lacks them).
+/// The tool, or the package to install for it.
 fn find(tool: &str, package: &str) -> Result<PathBuf, Error> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(
-            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(PathBuf::from),
-        )
-        .map(|d| d.join(tool))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .ok_or_else(|| Error::Missing {
-            tool: tool.into(),
-            package: package.into(),
-        })
+    process::find_tool(tool).ok_or_else(|| Error::Missing {
+        tool: tool.into(),
+        package: package.into(),
+    })
 }

@@ -242,6 +242,23 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result
     }
 }
 
+/// Looks a tool up in PATH and in the sbin directories (cron's PATH often lacks them): the
+/// first regular, executable file of that name.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(PathBuf::from),
+        )
+        .map(|d| d.join(tool))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -172,7 +172,7 @@ impl Template<'_> {
         if entry.exists() {
             return Ok(path);
         }
-        let binary = find_tool(&self.tool).ok_or_else(|| self.missing())?;
+        let binary = process::find_tool(&self.tool).ok_or_else(|| self.missing())?;
         cache.ensure_dirs()?;
         let _lock = entry.lock(
             &format!("template {}", self.name),
@@ -230,24 +230,6 @@ impl Template<'_> {
         }
         Ok(f)
     }
-}
-
-/// Looks a tool up in PATH and in the sbin directories (cron's PATH often lacks them).
-fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(
-            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(PathBuf::from),
-        )
-        .map(|d| d.join(tool))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
