@@ -109,6 +109,34 @@ impl Sink {
     }
 }
 
+/// Writes `buf`, the stream's bytes at `pos`, with positional writes (the cursor is not used,
+/// so several threads can share the descriptor), leaving its all-zero blocks unwritten: the
+/// range must hold nothing yet, so they read as the zeros they stand for.
+pub fn write_at(file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    // Runs of data blocks are one write.
+    let mut run: Option<usize> = None;
+    let mut i = 0;
+    while i < buf.len() {
+        let at = pos + i as u64;
+        let end = (i + (BLOCK - at % BLOCK) as usize).min(buf.len());
+        let zero = is_zero(&buf[i..end]);
+        match (run, zero) {
+            (None, false) => run = Some(i),
+            (Some(from), true) => {
+                file.write_all_at(&buf[from..i], pos + from as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+        i = end;
+    }
+    if let Some(from) = run {
+        file.write_all_at(&buf[from..], pos + from as u64)?;
+    }
+    Ok(())
+}
+
 /// Writes `bytes` at the cursor, or moves the cursor over them when they are zeros.
 fn put(file: &mut File, bytes: &[u8], zero: bool) -> io::Result<()> {
     if bytes.is_empty() {
