@@ -226,3 +226,23 @@ fn connections_each_capped_bring_the_whole_image() {
     let served: u64 = srv.file_requests().iter().map(|s| s.body_bytes).sum();
     assert!(served >= data.len() as u64, "{served}");
 }
+
+#[test]
+fn the_real_glance_serves_a_large_image_over_ranges() {
+    let g = crate::support::glance::real();
+    let data = test_bytes(80 * MIB, 91);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("ranged.raw");
+    std::fs::write(&src, &data).unwrap();
+    let id = g.upload("ranged-raw", "raw", &src);
+    let cache = Cache::new();
+    let r = run(cache.fetch(&g.url).args(["-v", "--connections", "4", &id]));
+    check_entry(&cache, &id, &data, &r);
+    // Glance answered the probe with a 206: the chunks went over parallel requests.
+    assert!(
+        r.stderr
+            .contains("5 chunks of 16777216 bytes over 4 connections"),
+        "{}",
+        r.stderr
+    );
+}

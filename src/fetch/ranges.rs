@@ -136,9 +136,11 @@ impl Download<'_> {
             }
         };
         // Nothing may be at or after `pos` (skipped zero blocks must read as zeros), and the
-        // record must be on the file before the first chunk lands.
+        // record must be on the file before the first chunk lands. The full length makes a
+        // chunk's unwritten zero tail readable as zeros when it is hashed.
         file.set_len(pos)
             .and_then(|()| record_prefix(file, pos))
+            .and_then(|()| file.set_len(size))
             .with_context(|| format!("cannot write {}", self.part.display()))?;
         self.rep.debug(&format!(
             "image {id}: {count} chunks of {SEGMENT} bytes over {workers} connections from byte {pos}"
@@ -168,9 +170,7 @@ impl Download<'_> {
             outcome
         });
         outcome?;
-        file.set_len(size)
-            .and_then(|()| clear_prefix(file))
-            .with_context(|| format!("cannot write {}", self.part.display()))?;
+        clear_prefix(file).with_context(|| format!("cannot write {}", self.part.display()))?;
         Ok(Some(size))
     }
 }
