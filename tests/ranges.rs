@@ -246,3 +246,41 @@ fn the_real_glance_serves_a_large_image_over_ranges() {
         r.stderr
     );
 }
+
+#[test]
+fn parallel_download_keeps_its_peak_memory_small() {
+    let (srv, data) = server("img-ranges-rss", 128 * MIB);
+    // Paced so that the download lasts many polls.
+    srv.pace(Some(Duration::from_millis(1)));
+    let cache = Cache::new();
+    let mut child = cache
+        .fetch(&srv.url)
+        .args(["-q", "--connections", "4", "img-ranges-rss"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The high-water mark of the running binary (rusage of a child would count the pages of
+    // this test process it was forked from); it only grows, so the last reading bounds all.
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        let hwm = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        });
+        peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(0), "exit code");
+    let path = cache.base().join(entry_name("img-ranges-rss"));
+    assert!(std::fs::read(&path).unwrap() == data, "entry differs");
+    eprintln!("peak RSS of a 4-connection fetch: {peak_kib} KiB");
+    assert!(peak_kib > 0, "never read the peak");
+    assert!(peak_kib < 32 << 10, "peak RSS {peak_kib} KiB");
+    assert!(srv.file_requests().len() >= 4);
+}

@@ -138,8 +138,18 @@ impl Download<'_> {
         // Nothing may be at or after `pos` (skipped zero blocks must read as zeros), and the
         // record must be on the file before the first chunk lands. The full length makes a
         // chunk's unwritten zero tail readable as zeros when it is hashed.
-        file.set_len(pos)
-            .and_then(|()| record_prefix(file, pos))
+        let recorded = file.set_len(pos).and_then(|()| record_prefix(file, pos));
+        if recorded
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTSUP))
+        {
+            self.rep.debug(&format!(
+                "image {id}: {} cannot keep extended attributes (a resume would not know which chunks are complete); downloading one stream",
+                self.part.display()
+            ));
+            return Ok(None);
+        }
+        recorded
             .and_then(|()| file.set_len(size))
             .with_context(|| format!("cannot write {}", self.part.display()))?;
         self.rep.debug(&format!(
@@ -259,7 +269,8 @@ impl Job<'_> {
 
     /// A worker: takes the next chunk until none is left or the download failed.
     fn work(&self, tx: &mpsc::Sender<Done>) {
-        let mut buf = vec![0u8; CHUNK];
+        // A quarter of the pipeline chunk: N of them are in memory at once.
+        let mut buf = vec![0u8; CHUNK / 4];
         while !self.stop.load(Ordering::Relaxed) {
             let k = self.next.fetch_add(1, Ordering::Relaxed);
             if self.span(k).0 >= self.size {
