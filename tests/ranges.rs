@@ -284,3 +284,37 @@ fn parallel_download_keeps_its_peak_memory_small() {
     assert!(peak_kib < 32 << 10, "peak RSS {peak_kib} KiB");
     assert!(srv.file_requests().len() >= 4);
 }
+
+#[test]
+fn a_chunk_that_keeps_failing_fails_the_fetch_and_leaves_nothing() {
+    let (srv, _) = server("img-ranges-down", 80 * MIB);
+    // The probe succeeds; every request after it fails.
+    srv.script(std::iter::once(Action::Normal).chain(std::iter::repeat_n(Action::Status(503), 40)));
+    let cache = Cache::new();
+    let r = run(cache.fetch(&srv.url).args([
+        "--connections",
+        "4",
+        "--retries",
+        "1",
+        "img-ranges-down",
+    ]));
+    r.assert_code(7);
+    assert!(r.stderr.contains("503"), "{}", r.stderr);
+    cache.assert_clean_or_complete(None);
+}
+
+#[test]
+fn a_body_longer_than_the_record_is_refused_over_ranges_too() {
+    let data = test_bytes(80 * MIB, 93);
+    let mut image = Image::raw("img-ranges-long", data);
+    image.size -= 1000;
+    let srv = FaultServer::start(image);
+    let cache = Cache::new();
+    let r = run(cache
+        .fetch(&srv.url)
+        .args(["--connections", "4", "img-ranges-long"]));
+    r.assert_code(6);
+    assert!(r.stderr.contains("sends more than"), "{}", r.stderr);
+    cache.assert_clean_or_complete(None);
+    assert!(srv.file_requests().len() > 1);
+}

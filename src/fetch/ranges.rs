@@ -315,7 +315,15 @@ impl Job<'_> {
                 "image {id}: {failure}; resuming from byte {pos} in {:.1}s",
                 wait.as_secs_f64()
             )));
-            thread::sleep(wait);
+            // In slices: a failed chunk elsewhere ends the wait.
+            let until = std::time::Instant::now() + wait;
+            while !self.stop.load(Ordering::Relaxed) {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                thread::sleep(left.min(std::time::Duration::from_millis(100)));
+            }
         }
     }
 
@@ -350,7 +358,10 @@ impl Job<'_> {
                 Err(e) => return Ok(Some(e)),
             },
         };
-        let mut src = RateGuard::new(body.take(end - *pos), self.opts.min_rate);
+        // The last chunk reads one byte more: a body longer than the record says is refused,
+        // as one stream refuses it.
+        let extra = u64::from(end == self.size);
+        let mut src = RateGuard::new(body.take(end - *pos + extra), self.opts.min_rate);
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(Some(glance::Error::Data {
@@ -359,6 +370,13 @@ impl Job<'_> {
                 }));
             }
             let (n, how) = fill(&mut src, buf);
+            if *pos + n as u64 > end {
+                return Err(super::Error::TooLong {
+                    id: id.to_owned(),
+                    expected: self.size,
+                }
+                .into());
+            }
             sink::write_at(self.file, &buf[..n], *pos)
                 .with_context(|| format!("cannot write {}", self.part.display()))?;
             *pos += n as u64;
