@@ -209,6 +209,21 @@ mod tests {
     }
 
     #[test]
+    fn positional_writes_in_any_order_leave_zero_blocks_as_holes() {
+        let mut data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        data[(1 << 20)..(2 << 20) + 100].fill(0);
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(data.len() as u64).unwrap();
+        // Unaligned pieces, last first.
+        let cuts = [0usize, 5000, (1 << 20) + 17, (2 << 20) + 4099, data.len()];
+        for w in cuts.windows(2).rev() {
+            write_at(&f, &data[w[0]..w[1]], w[0] as u64).unwrap();
+        }
+        assert_eq!(read_all(&f), data);
+        assert!(f.metadata().unwrap().blocks() * 512 <= (2 << 20) + (64 << 10));
+    }
+
+    #[test]
     fn is_zero_sees_a_single_byte_anywhere() {
         let mut b = vec![0u8; 4096];
         assert!(is_zero(&b));
