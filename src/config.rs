@@ -33,6 +33,7 @@ pub const KEYS: &[&str] = &[
     "read_timeout",
     "min_rate",
     "retries",
+    "connections",
     "retry_backoff",
     "lock_timeout",
     "jobs",

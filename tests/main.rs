@@ -25,6 +25,7 @@ mod overlay;
 mod package;
 mod pipe;
 mod prune;
+mod ranges;
 mod rbd;
 mod resources;
 mod signatures;

@@ -97,7 +97,7 @@ fn requests_from(srv: &FaultServer) -> Vec<(Option<String>, u16)> {
 #[test]
 fn a_mostly_zero_raw_image_is_stored_sparse_and_resumes_exactly() {
     // 1 GiB holding 64 MiB of data (the fault server serves from memory, and zeros never
-    // touched cost no memory).
+    // touched cost no memory), over one stream (the ranged path is tests/ranges.rs).
     let id = "sparse-1g";
     // Made twice rather than cloned: a clone would touch every page of the zeros.
     let (data, runs) = scattered(1 << 30, 64, MIB, 71);
@@ -105,7 +105,7 @@ fn a_mostly_zero_raw_image_is_stored_sparse_and_resumes_exactly() {
     let data_bytes: u64 = runs.iter().map(|(a, b)| b - a).sum();
 
     let cache = Cache::new();
-    run(cache.fetch(&srv.url).arg(id)).assert_code(0);
+    run(cache.fetch(&srv.url).args(["--connections", "1", id])).assert_code(0);
     // The digest of the stream (the record's), which `verify` checks against the sparse file;
     // every resumed fetch below must arrive at the same one.
     let digest = record(&cache, id)["content_xxh3"]
@@ -123,7 +123,7 @@ fn a_mostly_zero_raw_image_is_stored_sparse_and_resumes_exactly() {
         srv.script([Action::CutAfter(cut as u64)]);
         let before = srv.file_requests().len();
         let cache = Cache::new();
-        run(cache.fetch(&srv.url).arg(id)).assert_code(0);
+        run(cache.fetch(&srv.url).args(["--connections", "1", id])).assert_code(0);
         assert_eq!(
             requests_from(&srv)[before..],
             [(None, 200), (Some(format!("bytes={cut}-")), 206)]
@@ -138,7 +138,7 @@ fn a_mostly_zero_raw_image_is_stored_sparse_and_resumes_exactly() {
         let len = killed_part(&cache, id, &data, stop);
         assert!(len > 0 && len <= stop as u64);
         let before = srv.file_requests().len();
-        run(cache.fetch(&srv.url).arg(id)).assert_code(0);
+        run(cache.fetch(&srv.url).args(["--connections", "1", id])).assert_code(0);
         assert_eq!(
             requests_from(&srv)[before..],
             [(Some(format!("bytes={len}-")), 206)]

@@ -314,6 +314,11 @@ pub struct FetchOpts {
     #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     pub lock_timeout: Duration,
 
+    /// Ranged requests in flight for a large image (64 MiB and up) whose server honours
+    /// Range; 1 downloads every image as one stream.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16), value_name = "N")]
+    pub connections: u32,
+
     /// Keep non-raw images (qcow2, vmdk, ...) as they are instead of converting to raw.
     #[arg(long)]
     pub no_force_raw: bool,

@@ -197,6 +197,7 @@ fn fetch_options(glance: &GlanceArgs, f: &FetchOpts) -> Result<Options, UsageErr
     Ok(Options {
         lock_timeout: f.lock_timeout,
         retries: glance.retries,
+        connections: f.connections,
         retry_backoff: glance.retry_backoff,
         force_raw: !f.no_force_raw,
         revalidate: f.revalidate || f.replace,

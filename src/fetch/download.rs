@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use openssl::hash::MessageDigest;
 
 use super::hash::{CHUNK, Digests, HashThread, ToHasher};
+use super::ranges;
 use super::retry;
 use super::sink::Sink;
 use super::{Error, Options};
@@ -39,6 +40,9 @@ impl Download<'_> {
         let mut file = open_part(self.part)?;
         let hasher = HashThread::start_signed(algo, self.signed)?;
         let mut pos = self.resume(&mut file, &hasher)?;
+        if let Some(end) = self.ranged(&file, &hasher, pos)? {
+            pos = end;
+        }
         self.bar.set_position(pos);
         let mut failures = 0;
         // Only bytes beyond the furthest point reached count as progress, so a server that keeps
@@ -89,7 +93,8 @@ impl Download<'_> {
             ))
             .into());
         }
-        let existing = meta.len();
+        let existing = ranges::resume_point(file, meta.len())
+            .with_context(|| format!("cannot truncate {}", self.part.display()))?;
         if existing > 0 && self.image.size.is_none_or(|s| existing <= s) {
             self.rep.info(&format!(
                 "image {}: resuming {} from byte {existing} (re-hashing what is there)",
@@ -234,7 +239,7 @@ pub struct MinRate {
 
 /// A body that arrives slower than its [`MinRate`]: the read fails with it inside.
 #[derive(Debug)]
-struct TooSlow(String);
+pub(super) struct TooSlow(String);
 
 impl std::fmt::Display for TooSlow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,7 +252,7 @@ impl std::error::Error for TooSlow {}
 /// Fails a read when less than the minimum arrived over the last window, so a server that
 /// sends one byte now and then (never silent long enough for `--read-timeout`) cannot hold
 /// the entry's lock forever.
-struct RateGuard<R> {
+pub(super) struct RateGuard<R> {
     inner: R,
     min: MinRate,
     since: Instant,
@@ -255,7 +260,7 @@ struct RateGuard<R> {
 }
 
 impl<R: Read> RateGuard<R> {
-    fn new(inner: R, min: MinRate) -> RateGuard<R> {
+    pub(super) fn new(inner: R, min: MinRate) -> RateGuard<R> {
         RateGuard {
             inner,
             min,
@@ -349,7 +354,7 @@ fn pump_into(
 }
 
 /// How a [`fill`] ended.
-enum Fill {
+pub(super) enum Fill {
     /// The buffer is full; there may be more.
     More,
     Eof,
@@ -357,7 +362,7 @@ enum Fill {
 }
 
 /// Reads into `buf` until it is full, the source ends, or a read fails. Returns bytes read.
-fn fill(src: &mut dyn Read, buf: &mut [u8]) -> (usize, Fill) {
+pub(super) fn fill(src: &mut dyn Read, buf: &mut [u8]) -> (usize, Fill) {
     let mut filled = 0;
     while filled < buf.len() {
         match src.read(&mut buf[filled..]) {

@@ -8,6 +8,7 @@
 pub mod download;
 mod hash;
 mod persist;
+mod ranges;
 mod retry;
 mod signed;
 mod sink;
@@ -118,6 +119,8 @@ pub struct Options {
     pub lock_timeout: Duration,
     /// Attempts after the first for failures that made no progress.
     pub retries: u32,
+    /// Ranged requests in flight for a large image (`--connections`); 1 = one stream.
+    pub connections: u32,
     /// First backoff; doubles per attempt up to 30 s.
     pub retry_backoff: Duration,
     /// Convert non-raw images to raw (Nova's `force_raw_images`).

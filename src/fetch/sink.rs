@@ -109,6 +109,34 @@ impl Sink {
     }
 }
 
+/// Writes `buf`, the stream's bytes at `pos`, with positional writes (the cursor is not used,
+/// so several threads can share the descriptor), leaving its all-zero blocks unwritten: the
+/// range must hold nothing yet, so they read as the zeros they stand for.
+pub fn write_at(file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    // Runs of data blocks are one write.
+    let mut run: Option<usize> = None;
+    let mut i = 0;
+    while i < buf.len() {
+        let at = pos + i as u64;
+        let end = (i + (BLOCK - at % BLOCK) as usize).min(buf.len());
+        let zero = is_zero(&buf[i..end]);
+        match (run, zero) {
+            (None, false) => run = Some(i),
+            (Some(from), true) => {
+                file.write_all_at(&buf[from..i], pos + from as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+        i = end;
+    }
+    if let Some(from) = run {
+        file.write_all_at(&buf[from..], pos + from as u64)?;
+    }
+    Ok(())
+}
+
 /// Writes `bytes` at the cursor, or moves the cursor over them when they are zeros.
 fn put(file: &mut File, bytes: &[u8], zero: bool) -> io::Result<()> {
     if bytes.is_empty() {
@@ -178,6 +206,21 @@ mod tests {
         let (f, all) = stream(&[&data[..7], &data[7..]], 0);
         assert_eq!(read_all(&f), all);
         assert!(f.metadata().unwrap().blocks() * 512 >= 40 << 20);
+    }
+
+    #[test]
+    fn positional_writes_in_any_order_leave_zero_blocks_as_holes() {
+        let mut data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        data[(1 << 20)..(2 << 20) + 100].fill(0);
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(data.len() as u64).unwrap();
+        // Unaligned pieces, last first.
+        let cuts = [0usize, 5000, (1 << 20) + 17, (2 << 20) + 4099, data.len()];
+        for w in cuts.windows(2).rev() {
+            write_at(&f, &data[w[0]..w[1]], w[0] as u64).unwrap();
+        }
+        assert_eq!(read_all(&f), data);
+        assert!(f.metadata().unwrap().blocks() * 512 <= (2 << 20) + (64 << 10));
     }
 
     #[test]
