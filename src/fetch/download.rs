@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use openssl::hash::MessageDigest;
 
 use super::hash::{CHUNK, Digests, HashThread, ToHasher};
-use super::ranges;
+use super::prefix;
 use super::retry;
 use super::sink::Sink;
 use super::{Error, Options};
@@ -93,7 +93,7 @@ impl Download<'_> {
             ))
             .into());
         }
-        let existing = ranges::resume_point(file, meta.len())
+        let existing = prefix::resume_point(file, meta.len())
             .with_context(|| format!("cannot truncate {}", self.part.display()))?;
         if existing > 0 && self.image.size.is_none_or(|s| existing <= s) {
             self.rep.info(&format!(

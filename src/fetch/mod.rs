@@ -8,6 +8,7 @@
 pub mod download;
 mod hash;
 mod persist;
+mod prefix;
 mod ranges;
 mod retry;
 mod signed;

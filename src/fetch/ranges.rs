@@ -7,12 +7,11 @@
 //! complete, and feeds it to the hash thread. Memory stays a few buffers per worker.
 //!
 //! A killed run leaves chunks out of order in the `.part`; the complete prefix is kept in the
-//! `.part`'s extended attribute [`DONE`], updated as the prefix grows, and a resume truncates
-//! the `.part` to it (see [`resume_point`]).
+//! `.part`'s extended attribute (see [`super::prefix`]), updated as the prefix grows, and a
+//! resume truncates the `.part` to it.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
@@ -22,6 +21,7 @@ use anyhow::{Context, Result};
 
 use super::download::{Download, Fill, RateGuard, TooSlow, fill};
 use super::hash::{CHUNK, HashThread, ToHasher};
+use super::prefix::{clear_prefix, record_prefix};
 use super::retry;
 use super::sink;
 use crate::glance::{self, Data};
@@ -30,70 +30,6 @@ use crate::glance::{self, Data};
 pub const MIN_PARALLEL: u64 = 64 << 20;
 /// The unit handed to a worker: one request (more after a cut), hashed as a whole.
 const SEGMENT: u64 = 16 << 20;
-/// The `.part`'s extended attribute that holds the complete prefix of a parallel download.
-const DONE: &std::ffi::CStr = c"user.imgcache.done";
-
-/// The complete prefix a parallel run recorded on `file`, if it is one of those.
-pub fn recorded_prefix(file: &File) -> Option<u64> {
-    let mut buf = [0u8; 24];
-    // SAFETY: the name is NUL-terminated and the buffer is ours, of the length given.
-    let n = unsafe {
-        libc::fgetxattr(
-            file.as_raw_fd(),
-            DONE.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).ok()?;
-    std::str::from_utf8(buf.get(..n)?).ok()?.parse().ok()
-}
-
-/// Records `prefix` as the complete prefix of `file`.
-fn record_prefix(file: &File, prefix: u64) -> std::io::Result<()> {
-    let text = prefix.to_string();
-    // SAFETY: the name is NUL-terminated; the value is a live slice of the length given.
-    let r = unsafe {
-        libc::fsetxattr(
-            file.as_raw_fd(),
-            DONE.as_ptr(),
-            text.as_ptr().cast(),
-            text.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Removes the record (a finished `.part`, or one resumed by a single stream).
-pub fn clear_prefix(file: &File) -> std::io::Result<()> {
-    // SAFETY: the name is NUL-terminated.
-    let r = unsafe { libc::fremovexattr(file.as_raw_fd(), DONE.as_ptr()) };
-    let err = std::io::Error::last_os_error();
-    if r == 0 || matches!(err.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) {
-        Ok(())
-    } else {
-        Err(err)
-    }
-}
-
-/// Where a resume starts: a parallel run's `.part` holds chunks beyond its complete prefix,
-/// which are dropped (truncated away and downloaded again); any other `.part` is a stream's
-/// and all of it counts.
-pub fn resume_point(file: &File, len: u64) -> std::io::Result<u64> {
-    let Some(prefix) = recorded_prefix(file) else {
-        return Ok(len);
-    };
-    let prefix = prefix.min(len);
-    file.set_len(prefix)?;
-    clear_prefix(file)?;
-    Ok(prefix)
-}
-
 /// What a worker tells the coordinator.
 enum Done {
     /// This chunk is in the `.part`.
