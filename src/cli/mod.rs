@@ -315,8 +315,9 @@ pub struct FetchOpts {
     pub lock_timeout: Duration,
 
     /// Ranged requests in flight for a large image (64 MiB and up) whose server honours
-    /// Range; 1 downloads every image as one stream.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16), value_name = "N")]
+    /// Range, e.g. 4 for a Glance that serves each connection slowly (Swift, S3, a busy
+    /// store); 1 (the default) downloads every image as one stream.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16), value_name = "N")]
     pub connections: u32,
 
     /// Keep non-raw images (qcow2, vmdk, ...) as they are instead of converting to raw.
