@@ -136,16 +136,7 @@ impl Download<'_> {
             Ok(n) => *pos += n,
             Err(PumpError::Read(e, n)) => {
                 *pos += n;
-                if e.get_ref().is_some_and(|inner| inner.is::<TooSlow>()) {
-                    return Ok(Some(glance::Error::TooSlow {
-                        id: id.to_owned(),
-                        detail: e.to_string(),
-                    }));
-                }
-                return Ok(Some(glance::Error::Data {
-                    id: id.to_owned(),
-                    detail: format!("connection lost after {pos} bytes: {e}"),
-                }));
+                return Ok(Some(read_failure(id, *pos, &e)));
             }
             Err(PumpError::Write(e)) => {
                 return Err(
@@ -354,6 +345,21 @@ fn pump_into(
 }
 
 /// How a [`fill`] ended.
+/// What a failed read of the data stream at `pos` was, as a Glance failure worth another
+/// attempt: too slow (`--min-rate`), or the connection lost.
+pub(super) fn read_failure(id: &str, pos: u64, e: &std::io::Error) -> glance::Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<TooSlow>()) {
+        return glance::Error::TooSlow {
+            id: id.to_owned(),
+            detail: e.to_string(),
+        };
+    }
+    glance::Error::Data {
+        id: id.to_owned(),
+        detail: format!("connection lost after {pos} bytes: {e}"),
+    }
+}
+
 pub(super) enum Fill {
     /// The buffer is full; there may be more.
     More,

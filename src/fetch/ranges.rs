@@ -19,7 +19,7 @@ use std::thread;
 
 use anyhow::{Context, Result};
 
-use super::download::{Download, Fill, RateGuard, TooSlow, fill};
+use super::download::{Download, Fill, RateGuard, fill, read_failure};
 use super::hash::{CHUNK, HashThread, ToHasher};
 use super::prefix::{clear_prefix, record_prefix};
 use super::retry;
@@ -325,18 +325,7 @@ impl Job<'_> {
                         detail: format!("body ended early at {pos} of {} bytes", self.size),
                     }));
                 }
-                Fill::Failed(e) => {
-                    if e.get_ref().is_some_and(|inner| inner.is::<TooSlow>()) {
-                        return Ok(Some(glance::Error::TooSlow {
-                            id: id.to_owned(),
-                            detail: e.to_string(),
-                        }));
-                    }
-                    return Ok(Some(glance::Error::Data {
-                        id: id.to_owned(),
-                        detail: format!("connection lost after {pos} bytes: {e}"),
-                    }));
-                }
+                Fill::Failed(e) => return Ok(Some(read_failure(id, *pos, &e))),
             }
         }
     }
