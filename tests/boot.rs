@@ -361,15 +361,7 @@ fn boot_instance(root_format: &str, backend: &str, instance: &str, drive_format:
     // The write is in the instance's disk, and in nothing of the cache.
     let root_raw = if backend == "qcow2" {
         let flat = tmp.path().join("disk.flat");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            inst.join("disk").to_str().expect("utf8"),
-            flat.to_str().expect("utf8"),
-        ]);
+        crate::support::qcow2_to_raw(&inst.join("disk"), &flat);
         flat
     } else {
         inst.join("disk")

@@ -15,15 +15,7 @@ fn server(id: &str, len: usize) -> (FaultServer, Vec<u8>) {
 
 fn fetch_ok(cache: &Cache, srv: &FaultServer, id: &str, data: &[u8], extra: &[&str]) -> String {
     let r = run(cache.fetch(&srv.url).args(extra).arg(id));
-    r.assert_code(0);
-    let name = entry_name(id);
-    let path = cache.base().join(&name);
-    assert_eq!(r.stdout, format!("{id} {}\n", path.display()));
-    assert!(
-        std::fs::read(&path).unwrap() == data,
-        "entry differs from the image"
-    );
-    cache.assert_clean_or_complete(Some(&name));
+    cache.assert_fetched(id, data, &r);
     r.stderr
 }
 

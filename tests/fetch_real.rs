@@ -62,15 +62,7 @@ fn qcow2_image_is_converted_to_the_same_raw_qemu_img_gives() {
     let path = cache.base().join(entry_name(&id));
     // What `qemu-img convert` of the original gives, compared by qemu-img and by bytes.
     let expected = tmp.path().join("expected.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        qcow.to_str().unwrap(),
-        expected.to_str().unwrap(),
-    ]);
+    crate::support::qcow2_to_raw(&qcow, &expected);
     qemu_img(&[
         "compare",
         "-f",

@@ -658,19 +658,7 @@ fn a_conversion_that_would_eat_the_reserve_is_stopped() {
     // 48 MiB of one repeated byte compresses to a tiny qcow2: the estimate (twice the
     // download) passes, the output does not fit above a 24 MiB reserve on a 64 MiB filesystem.
     let work = tempfile::tempdir().unwrap();
-    let raw = work.path().join("big.raw");
-    std::fs::write(&raw, vec![0x5a; 48 << 20]).unwrap();
-    let qcow = work.path().join("big.qcow2");
-    crate::support::qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    let qcow = crate::support::compressed_qcow2(work.path(), "big", 0x5a, 48 << 20);
     let mut image = Image::raw("big", std::fs::read(&qcow).unwrap());
     image.disk_format = "qcow2".into();
     let srv = FaultServer::start(image);

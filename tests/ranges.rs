@@ -19,18 +19,6 @@ fn server(id: &str, len: usize) -> (FaultServer, Vec<u8>) {
     (FaultServer::start(Image::raw(id, data.clone())), data)
 }
 
-fn check_entry(cache: &Cache, id: &str, data: &[u8], r: &Run) {
-    r.assert_code(0);
-    let name = entry_name(id);
-    let path = cache.base().join(&name);
-    assert_eq!(r.stdout, format!("{id} {}\n", path.display()));
-    assert!(
-        std::fs::read(&path).unwrap() == data,
-        "entry differs from the image"
-    );
-    cache.assert_clean_or_complete(Some(&name));
-}
-
 fn range_start(s: &Seen) -> Option<u64> {
     s.range
         .as_deref()?
@@ -61,7 +49,7 @@ fn large_image_arrives_over_concurrent_ranges() {
     let mut cmd = cache.fetch(&srv.url);
     cmd.args(["--connections", "4", "img-ranges"]);
     let (r, most) = run_watching(&srv, cmd);
-    check_entry(&cache, "img-ranges", &data, &r);
+    cache.assert_fetched("img-ranges", &data, &r);
     let reqs = srv.file_requests();
     assert!(
         most >= 2,
@@ -91,7 +79,7 @@ fn a_cut_chunk_resumes_on_its_own() {
     let r = run(cache
         .fetch(&srv.url)
         .args(["--connections", "4", "img-ranges-cut"]));
-    check_entry(&cache, "img-ranges-cut", &data, &r);
+    cache.assert_fetched("img-ranges-cut", &data, &r);
     let reqs = srv.file_requests();
     let cut = &reqs[2];
     assert_eq!(cut.body_bytes, 5 * MIB as u64, "{reqs:?}");
@@ -115,7 +103,7 @@ fn a_server_that_ignores_range_gets_one_stream() {
     let r = run(cache
         .fetch(&srv.url)
         .args(["--connections", "4", "img-ranges-norange"]));
-    check_entry(&cache, "img-ranges-norange", &data, &r);
+    cache.assert_fetched("img-ranges-norange", &data, &r);
     let reqs = srv.file_requests();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert_eq!((reqs[0].range.is_some(), reqs[0].status), (true, 200));
@@ -130,7 +118,7 @@ fn one_connection_is_one_request() {
     let r = run(cache
         .fetch(&srv.url)
         .args(["--connections", "1", "img-ranges-one"]));
-    check_entry(&cache, "img-ranges-one", &data, &r);
+    cache.assert_fetched("img-ranges-one", &data, &r);
     let reqs = srv.file_requests();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert_eq!((reqs[0].range.as_deref(), reqs[0].status), (None, 200));
@@ -184,7 +172,7 @@ fn killed_parallel_run_resumes_from_its_complete_prefix() {
     let r = run(cache
         .fetch(&srv.url)
         .args(["--connections", "4", "img-ranges-kill"]));
-    check_entry(&cache, "img-ranges-kill", &data, &r);
+    cache.assert_fetched("img-ranges-kill", &data, &r);
     assert!(
         r.stderr
             .contains(&format!("resuming {} from byte", part.display())),
@@ -210,7 +198,7 @@ fn connections_each_capped_bring_the_whole_image() {
     let r = run(cache
         .fetch(&proxy.url)
         .args(["--connections", "3", "img-ranges-capped"]));
-    check_entry(&cache, "img-ranges-capped", &data, &r);
+    cache.assert_fetched("img-ranges-capped", &data, &r);
     let files: Vec<_> = proxy
         .statuses()
         .into_iter()
@@ -237,7 +225,7 @@ fn the_real_glance_serves_a_large_image_over_ranges() {
     let id = g.upload("ranged-raw", "raw", &src);
     let cache = Cache::new();
     let r = run(cache.fetch(&g.url).args(["-v", "--connections", "4", &id]));
-    check_entry(&cache, &id, &data, &r);
+    cache.assert_fetched(&id, &data, &r);
     // Glance answered the probe with a 206: the chunks went over parallel requests.
     assert!(
         r.stderr

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::fault_server::{FaultServer, Image};
-use crate::support::{Cache, entry_name, imgcache, make_qcow2, qemu_img, run, test_bytes};
+use crate::support::{Cache, entry_name, imgcache, make_qcow2, run, test_bytes};
 
 /// A size-limited tmpfs, unmounted on drop.
 struct Tmpfs {
@@ -145,19 +145,7 @@ fn conversion_that_runs_out_anyway_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     // Compresses to almost nothing but expands to 24 MiB of non-zero data: passes the estimate
     // (twice the download), then fills the disk during qemu-img convert.
-    let raw_path = tmp.path().join("pattern.raw");
-    std::fs::write(&raw_path, vec![0x5au8; 24 << 20]).unwrap();
-    let qcow = tmp.path().join("pattern.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw_path.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    let qcow = crate::support::compressed_qcow2(tmp.path(), "pattern", 0x5a, 24 << 20);
     let mut image = Image::raw("expands", std::fs::read(&qcow).unwrap());
     image.disk_format = "qcow2".into();
     let srv = FaultServer::start(image);

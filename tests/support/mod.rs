@@ -330,6 +330,54 @@ pub fn raw_to_qcow2(src: &Path, dst: &Path) {
     ]);
 }
 
+/// `qemu-img convert -f qcow2 -O raw src dst`: what a converted entry must equal.
+pub fn qcow2_to_raw(src: &Path, dst: &Path) {
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        src.to_str().expect("utf8"),
+        dst.to_str().expect("utf8"),
+    ]);
+}
+
+/// A compressed qcow2 `<dir>/<name>.qcow2` of `len` bytes all `byte`: small to download, large
+/// once converted (for tests of space running out during the conversion).
+pub fn compressed_qcow2(dir: &Path, name: &str, byte: u8, len: usize) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    std::fs::write(&raw, vec![byte; len]).expect("write raw");
+    let qcow = dir.join(format!("{name}.qcow2"));
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().expect("utf8"),
+        qcow.to_str().expect("utf8"),
+    ]);
+    qcow
+}
+
+impl Cache {
+    /// A fetch of `id` that succeeded: its one stdout line names the entry, the entry holds
+    /// exactly `data`, and nothing else of it is left behind.
+    pub fn assert_fetched(&self, id: &str, data: &[u8], r: &Run) {
+        r.assert_code(0);
+        let name = entry_name(id);
+        let path = self.base().join(&name);
+        assert_eq!(r.stdout, format!("{id} {}\n", path.display()));
+        assert!(
+            std::fs::read(&path).expect("entry") == data,
+            "entry differs from the image"
+        );
+        self.assert_clean_or_complete(Some(&name));
+    }
+}
+
 /// Images (and the hashes tests compare) depend on these exact bytes.
 #[test]
 fn test_bytes_and_rng_are_stable() {
