@@ -168,7 +168,7 @@ fn two_hosts_importing_at_once_share_one_image() {
     assert_eq!(
         ours,
         vec![name.clone()],
-        "exactly one image, no leftover temporary import"
+        "exactly one image, no leftover temporary import\n{logs}"
     );
     for i in 0..2 {
         let info = c.json(&["info", &format!("vms/vm-race{i}_disk")]);

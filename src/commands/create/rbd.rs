@@ -8,7 +8,9 @@
 //! Importing is safe across hosts sharing the pool: each host imports under a temporary name
 //! (`imgcache-<sha1>.tmp-<host>-<pid>`), snapshots and protects it, then `rbd rename`s it into
 //! place. Only complete, protected images ever carry the final name; a host whose rename fails
-//! because the name exists lost the race, removes its copy and clones from the winner's.
+//! because the name exists lost the race, removes its copy and clones from the winner's. A
+//! rename can also lose and still exit 0 (see `lost_silently`): after every rename the
+//! temporary name is looked up again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -251,19 +253,20 @@ fn import(job: &Job<'_>, entry: &str) -> Result<Parent> {
             base.path.display()
         ));
     }
-    match rbd.rbd(&["rename", &tmp, &image]) {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(rbd::EEXIST) => {
-            // Another host finished first: theirs is complete (only complete images are
-            // renamed into place), ours is redundant.
-            job.rep
-                .debug(&format!("{image} was imported by another host meanwhile"));
-            rbd.remove_image(&tmp)?;
-        }
+    let lost = match rbd.rbd(&["rename", &tmp, &image]) {
+        Ok(_) => lost_silently(rbd, &tmp, &image)?,
+        Err(e) if e.code() == Some(rbd::EEXIST) => true,
         Err(e) => {
             let _ = rbd.remove_image(&tmp);
             return Err(e.into());
         }
+    };
+    if lost {
+        // Another host finished first: theirs is complete (only complete images are renamed
+        // into place), ours is redundant.
+        job.rep
+            .debug(&format!("{image} was imported by another host meanwhile"));
+        rbd.remove_image(&tmp)?;
     }
     drop(lock);
     if !job.req.keep_local_base
@@ -275,6 +278,22 @@ fn import(job: &Job<'_>, entry: &str) -> Result<Parent> {
         ));
     }
     Ok((format!("{image}@{SNAP}"), base))
+}
+
+/// True if a rename that exited 0 in fact lost the race: `tmp` is still there as an image other
+/// than the one now called `image`. librbd (Ceph 16) checks that the new name is free, then
+/// creates its id object exclusively, and reports the `EEXIST` of that second step as success
+/// (it stands for a journal replay racing itself); a host that passed the check just before
+/// another host's rename is told it succeeded while its image keeps the temporary name.
+fn lost_silently(rbd: &Rbd, tmp: &str, image: &str) -> Result<bool, rbd::Error> {
+    let Some(ours) = rbd.info(tmp)? else {
+        return Ok(false);
+    };
+    let id = |v: &Value| v.get("id").and_then(Value::as_str).map(str::to_owned);
+    let theirs = rbd.info(image)?;
+    // The same id under both names is a rename whose old id object lingered (librbd only
+    // warns when it cannot remove it): ours won, and removing `tmp` would remove it.
+    Ok(id(&ours).is_some() && theirs.as_ref().and_then(id) != id(&ours))
 }
 
 /// `rbd import` of the base as `tmp`, with its last-use mark and a protected snapshot.
