@@ -4,7 +4,7 @@
 //! (docs/ARCHITECTURE.md):
 //! 5 interface (`cli`, `config`, `manual`, this file's [`run`]), 4 `commands`, 3 domain (`cache`,
 //! `instance`, `scan`, `templates`, `disk`, `fetch`, `configdrive`), 2 adapters (`inspect`,
-//! `qcow2_write`, `qemu_img`, `rbd`, `glance`, `barbican`, `openstack`, `fsimage`), 1 ground (`error`, `units`,
+//! `qcow2_read`, `qcow2_write`, `qemu_img`, `rbd`, `glance`, `barbican`, `openstack`, `fsimage`), 1 ground (`error`, `units`,
 //! `digest`, `fsutil`, `process`, `lock`, `progress`, `http`, `signature`).
 
 pub mod barbican;
@@ -28,6 +28,7 @@ pub mod manual;
 pub mod openstack;
 pub mod process;
 pub mod progress;
+pub mod qcow2_read;
 pub mod qcow2_write;
 pub mod qemu_img;
 pub mod rbd;

@@ -25,6 +25,7 @@ mod overlay;
 mod package;
 mod pipe;
 mod prune;
+mod qcow2_read;
 mod ranges;
 mod rbd;
 mod resources;

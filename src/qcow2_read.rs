@@ -1,0 +1,521 @@
+//! qcow2 → raw, natively, while the qcow2 file is still being written (docs/benchmarks.md,
+//! "conversion inside the download").
+//!
+//! The converter reads the file through a [`Growing`] view: every read waits until the download
+//! has reached the end of what it reads. Work is kept in a queue ordered by where it ends in the
+//! file — the L1 table, then each L2 table the L1 names, then each data cluster an L2 table
+//! names — so the converter follows the stream as it arrives, and anything the stream passed
+//! before its table was known is read back from the file (the page cache). Data clusters are
+//! written at their guest offsets into an output file already sized to the virtual size; zero,
+//! unallocated and all-zero 4 KiB blocks stay holes. Compressed clusters (zlib or zstd) are
+//! decompressed the way qemu does it: the whole cluster or an error.
+//!
+//! The converter handles what qemu-img and image builders produce (v2/v3, 512 B – 2 MiB
+//! clusters, compressed, zero and unallocated clusters, tables anywhere in the file). Anything
+//! else — a backing or external data file, extended L2 entries, encryption, an unaligned
+//! cluster, a table or cluster past the end of the file, a decompression that does not give a
+//! whole cluster, more queued work than [`MAX_PENDING`] — is [`Error::Unsupported`]: the caller
+//! converts the complete file with `qemu-img convert` instead, so the answer is always either
+//! what qemu-img gives or qemu-img itself.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// `QFI\xfb`.
+const MAGIC: &[u8] = b"QFI\xfb";
+
+/// Queued reads (L2 tables and data clusters) at most, about 24 bytes each.
+pub const MAX_PENDING: usize = 1 << 19;
+/// The largest L1 table read (qemu allows 32 MiB; 4 MiB covers 256 TiB at 64 KiB clusters).
+const MAX_L1_BYTES: u64 = 4 << 20;
+/// Holes are left for all-zero blocks of this size.
+const ZERO_BLOCK: usize = 4096;
+/// How often (bytes written) the caller's stop check runs.
+const CHECK_EVERY: u64 = 64 << 20;
+
+const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+const OFLAG_ZERO: u64 = 1;
+/// Incompatible features: 0 dirty, 1 corrupt, 3 compression type. Bit 2 (external data file)
+/// and bit 4 (extended L2) are not handled, nor are unknown ones.
+const INCOMPAT_HANDLED: u64 = (1 << 0) | (1 << 1) | (1 << 3);
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+
+/// A file being written from its start.
+pub trait Growing {
+    /// Waits until the first `end` bytes of the file are written and returns `end`, or, once
+    /// the file is complete, returns how many of them there are (less than `end` past its end).
+    /// Bytes below the returned mark read as what was written (a short read means zeros: the
+    /// writer leaves holes).
+    fn wait_for(&self, end: u64) -> Result<u64, Error>;
+}
+
+/// A complete file of `len` bytes.
+pub struct Complete(pub u64);
+
+impl Growing for Complete {
+    fn wait_for(&self, end: u64) -> Result<u64, Error> {
+        Ok(end.min(self.0))
+    }
+}
+
+/// Why no raw image came out.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Not a layout this converter handles: convert the complete file another way.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The file stopped growing before it was complete (the download failed or restarted), or
+    /// the caller's stop check asked to stop.
+    #[error("stopped: {0}")]
+    Stopped(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn unsupported(what: impl Into<String>) -> Error {
+    Error::Unsupported(what.into())
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Done {
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    /// Data clusters copied, of them compressed.
+    pub clusters: u64,
+    pub compressed: u64,
+}
+
+/// The header fields the conversion needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub virtual_size: u64,
+    pub cluster_bits: u32,
+    l1_size: u64,
+    l1_offset: u64,
+    zstd: bool,
+}
+
+impl Header {
+    /// Parses the first bytes of a qcow2 file (at least 104 for v3, 72 for v2).
+    pub fn parse(h: &[u8]) -> Result<Header, Error> {
+        let be32 = |o: usize| {
+            h.get(o..o + 4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let be64 = |o: usize| {
+            h.get(o..o + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+        };
+        let short = || unsupported("qcow2 header truncated");
+        if !h.starts_with(MAGIC) {
+            return Err(unsupported("not a qcow2 file"));
+        }
+        let version = be32(4).ok_or_else(short)?;
+        if !(2..=3).contains(&version) {
+            return Err(unsupported(format!("qcow2 version {version}")));
+        }
+        if be64(8).ok_or_else(short)? != 0 {
+            return Err(unsupported("a backing file"));
+        }
+        let cluster_bits = be32(20).ok_or_else(short)?;
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(unsupported(format!("cluster_bits {cluster_bits}")));
+        }
+        // qemu counts whole 512-byte sectors of the header's size.
+        let virtual_size = be64(24).ok_or_else(short)? & !511;
+        if be32(32).ok_or_else(short)? != 0 {
+            return Err(unsupported("encryption"));
+        }
+        let l1_size = u64::from(be32(36).ok_or_else(short)?);
+        let l1_offset = be64(40).ok_or_else(short)?;
+        let mut zstd = false;
+        if version == 3 {
+            let incompat = be64(72).ok_or_else(short)?;
+            if incompat & !INCOMPAT_HANDLED != 0 {
+                return Err(unsupported(format!(
+                    "incompatible features {:#x}",
+                    incompat & !INCOMPAT_HANDLED
+                )));
+            }
+            if incompat & INCOMPAT_COMPRESSION != 0 {
+                let length = be32(100).ok_or_else(short)?;
+                let kind = if length > 104 {
+                    h.get(104).copied()
+                } else {
+                    None
+                };
+                zstd = match kind {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(unsupported("an unknown compression type")),
+                };
+            }
+        }
+        Ok(Header {
+            virtual_size,
+            cluster_bits,
+            l1_size,
+            l1_offset,
+            zstd,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Bytes of guest data one L1 entry (one L2 table) covers.
+    fn l2_coverage(&self) -> u64 {
+        self.cluster_size() * (self.cluster_size() / 8)
+    }
+}
+
+/// One read the conversion waits for, ordered by where it ends in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Item {
+    end: u64,
+    host: u64,
+    guest: u64,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    L2,
+    Plain,
+    Compressed,
+}
+
+/// Converts the qcow2 file `src` (as far as `grow` says it is written) to raw in `out`, which
+/// must be empty and sized to the virtual size. `stop` is asked every 64 MiB written whether to
+/// stop (e.g. the free space ran low).
+pub fn convert(
+    src: &File,
+    grow: &dyn Growing,
+    out: &File,
+    stop: &dyn Fn() -> Option<String>,
+) -> Result<Done, Error> {
+    let head = read_exact(src, grow, 0, 112)?;
+    let header = Header::parse(&head)?;
+    let mut c = Converter {
+        src,
+        grow,
+        out,
+        stop,
+        h: header.clone(),
+        queue: BinaryHeap::new(),
+        done: Done {
+            virtual_size: header.virtual_size,
+            cluster_size: header.cluster_size(),
+            ..Done::default()
+        },
+        since_check: 0,
+        buf: Vec::new(),
+        cluster: Vec::new(),
+    };
+    c.read_l1()?;
+    while let Some(Reverse(item)) = c.queue.pop() {
+        c.run(item)?;
+    }
+    Ok(c.done)
+}
+
+/// Reads exactly `len` bytes at `offset` once they are written (zeros where the writer left a
+/// hole); past the end of the complete file is unsupported (qemu would read zeros or fail).
+fn read_exact(src: &File, grow: &dyn Growing, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; len];
+    read_into(src, grow, offset, &mut buf)?;
+    Ok(buf)
+}
+
+fn read_into(src: &File, grow: &dyn Growing, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+    let end = offset
+        .checked_add(buf.len() as u64)
+        .ok_or_else(|| unsupported("an offset past 2^64"))?;
+    if grow.wait_for(end)? < end {
+        return Err(unsupported(format!(
+            "bytes {offset}..{end} past the end of the file"
+        )));
+    }
+    let mut done = 0;
+    while done < buf.len() {
+        match src.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+struct Converter<'a> {
+    src: &'a File,
+    grow: &'a dyn Growing,
+    out: &'a File,
+    stop: &'a dyn Fn() -> Option<String>,
+    h: Header,
+    queue: BinaryHeap<Reverse<Item>>,
+    done: Done,
+    since_check: u64,
+    /// Read buffer (a cluster, or a compressed cluster's bytes).
+    buf: Vec<u8>,
+    /// Decompression output.
+    cluster: Vec<u8>,
+}
+
+impl Converter<'_> {
+    fn push(&mut self, kind: Kind, host: u64, len: u64, guest: u64) -> Result<(), Error> {
+        if self.queue.len() >= MAX_PENDING {
+            return Err(unsupported(format!(
+                "more than {MAX_PENDING} clusters waiting for their bytes"
+            )));
+        }
+        let end = host
+            .checked_add(len)
+            .ok_or_else(|| unsupported("an offset past 2^64"))?;
+        self.queue.push(Reverse(Item {
+            end,
+            host,
+            guest,
+            kind,
+        }));
+        Ok(())
+    }
+
+    /// Reads the L1 entries the virtual size needs and queues their L2 tables.
+    fn read_l1(&mut self) -> Result<(), Error> {
+        let h = self.h.clone();
+        let needed = h.virtual_size.div_ceil(h.l2_coverage());
+        if needed > h.l1_size {
+            return Err(unsupported(format!(
+                "an L1 table of {} entries for {needed} needed",
+                h.l1_size
+            )));
+        }
+        if needed * 8 > MAX_L1_BYTES {
+            return Err(unsupported(format!("an L1 table of {needed} entries")));
+        }
+        if needed == 0 {
+            return Ok(());
+        }
+        if !h.l1_offset.is_multiple_of(h.cluster_size()) {
+            return Err(unsupported("an unaligned L1 table"));
+        }
+        let l1 = read_exact(self.src, self.grow, h.l1_offset, (needed * 8) as usize)?;
+        for (i, e) in l1.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            let off = e & L1E_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if !off.is_multiple_of(h.cluster_size()) {
+                return Err(unsupported(format!(
+                    "L1 entry {i}: unaligned L2 table {off:#x}"
+                )));
+            }
+            self.push(Kind::L2, off, h.cluster_size(), i as u64 * h.l2_coverage())?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, item: Item) -> Result<(), Error> {
+        let len = usize::try_from(item.end - item.host).map_err(|_| unsupported("a huge read"))?;
+        self.buf.resize(len, 0);
+        let mut buf = std::mem::take(&mut self.buf);
+        let result =
+            read_into(self.src, self.grow, item.host, &mut buf).and_then(|()| match item.kind {
+                Kind::L2 => self.l2(&buf, item.guest),
+                Kind::Plain => self.write(&buf, item.guest),
+                Kind::Compressed => self.decompress(&buf, item.guest),
+            });
+        self.buf = buf;
+        result
+    }
+
+    /// Queues the clusters an L2 table covering guest bytes from `base` names.
+    fn l2(&mut self, table: &[u8], base: u64) -> Result<(), Error> {
+        let cs = self.h.cluster_size();
+        let bits = self.h.cluster_bits;
+        // Compressed descriptors: host offset in the low bits, sector count above it.
+        let csize_shift = 62 - (bits - 8);
+        let csize_mask = (1u64 << (bits - 8)) - 1;
+        let offset_mask = (1u64 << csize_shift) - 1;
+        for (j, e) in table.chunks_exact(8).enumerate() {
+            let guest = base + j as u64 * cs;
+            if guest >= self.h.virtual_size {
+                break;
+            }
+            let e = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if e & OFLAG_COMPRESSED != 0 {
+                let host = e & offset_mask;
+                let sectors = ((e >> csize_shift) & csize_mask) + 1;
+                let len = sectors * 512 - (host & 511);
+                self.push(Kind::Compressed, host, len, guest)?;
+                continue;
+            }
+            if e & OFLAG_ZERO != 0 {
+                continue;
+            }
+            let host = e & L2E_OFFSET_MASK;
+            if host == 0 {
+                continue;
+            }
+            if !host.is_multiple_of(cs) {
+                return Err(unsupported(format!(
+                    "guest cluster at {guest:#x}: unaligned data cluster {host:#x}"
+                )));
+            }
+            let len = cs.min(self.h.virtual_size - guest);
+            self.push(Kind::Plain, host, len, guest)?;
+        }
+        Ok(())
+    }
+
+    /// Decompresses one cluster (qemu's rule: it must give a whole cluster; bytes after the
+    /// compressed stream are ignored) and writes it.
+    fn decompress(&mut self, input: &[u8], guest: u64) -> Result<(), Error> {
+        let cs = self.h.cluster_size() as usize;
+        self.cluster.resize(cs, 0);
+        let mut cluster = std::mem::take(&mut self.cluster);
+        let ok = if self.h.zstd {
+            zstd_cluster(input, &mut cluster)
+        } else {
+            zlib_cluster(input, &mut cluster)
+        };
+        let result = if ok {
+            let len = (cs as u64).min(self.h.virtual_size - guest) as usize;
+            self.done.compressed += 1;
+            self.write(&cluster[..len], guest)
+        } else {
+            Err(unsupported(format!(
+                "guest cluster at {guest:#x}: compressed data that does not decompress to a whole cluster"
+            )))
+        };
+        self.cluster = cluster;
+        result
+    }
+
+    /// Writes a cluster's bytes at `guest`, leaving all-zero blocks as holes.
+    fn write(&mut self, data: &[u8], guest: u64) -> Result<(), Error> {
+        self.done.clusters += 1;
+        let mut at = 0;
+        while at < data.len() {
+            // The next run of non-zero blocks, written in one call.
+            while at < data.len() && is_zero(&data[at..(at + ZERO_BLOCK).min(data.len())]) {
+                at += ZERO_BLOCK;
+            }
+            let start = at;
+            while at < data.len() && !is_zero(&data[at..(at + ZERO_BLOCK).min(data.len())]) {
+                at += ZERO_BLOCK;
+            }
+            let end = at.min(data.len());
+            if end > start {
+                self.out
+                    .write_all_at(&data[start..end], guest + start as u64)?;
+            }
+        }
+        self.since_check += data.len() as u64;
+        if self.since_check >= CHECK_EVERY {
+            self.since_check = 0;
+            if let Some(why) = (self.stop)() {
+                return Err(Error::Stopped(why));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Raw deflate (qcow2 writes it with window bits -12; a larger window reads it too).
+fn zlib_cluster(input: &[u8], out: &mut [u8]) -> bool {
+    let mut d = flate2::Decompress::new(false);
+    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
+        Ok(flate2::Status::StreamEnd) | Ok(flate2::Status::BufError) | Ok(flate2::Status::Ok) => {
+            d.total_out() == out.len() as u64
+        }
+        Err(_) => false,
+    }
+}
+
+/// One zstd frame, streamed until the cluster is full (qemu stops there too).
+fn zstd_cluster(input: &[u8], out: &mut [u8]) -> bool {
+    let Ok(mut d) = zstd::stream::raw::Decoder::new() else {
+        return false;
+    };
+    let mut inb = zstd::stream::raw::InBuffer::around(input);
+    let mut outb = zstd::stream::raw::OutBuffer::around(out);
+    loop {
+        let before = (inb.pos(), outb.pos());
+        match zstd::stream::raw::Operation::run(&mut d, &mut inb, &mut outb) {
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        if outb.pos() == outb.capacity() {
+            return true;
+        }
+        if (inb.pos(), outb.pos()) == before || inb.pos() == input.len() {
+            return outb.pos() == outb.capacity();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_refuses_what_it_does_not_convert() {
+        let mut h = vec![0u8; 112];
+        h[..4].copy_from_slice(MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        h[100..104].copy_from_slice(&112u32.to_be_bytes());
+        assert!(Header::parse(&h).is_ok());
+        let mut extended = h.clone();
+        extended[72..80].copy_from_slice(&(1u64 << 4).to_be_bytes());
+        assert!(matches!(
+            Header::parse(&extended),
+            Err(Error::Unsupported(_))
+        ));
+        let mut zstd = h.clone();
+        zstd[72..80].copy_from_slice(&(1u64 << 3).to_be_bytes());
+        zstd[104] = 1;
+        assert!(Header::parse(&zstd).unwrap().zstd);
+        zstd[104] = 7;
+        assert!(Header::parse(&zstd).is_err());
+        let mut backing = h.clone();
+        backing[8..16].copy_from_slice(&512u64.to_be_bytes());
+        assert!(Header::parse(&backing).is_err());
+        assert!(Header::parse(&h[..50]).is_err());
+    }
+
+    #[test]
+    fn a_short_or_bad_compressed_cluster_is_refused() {
+        let mut out = vec![0u8; 4096];
+        assert!(!zlib_cluster(b"garbage", &mut out));
+        assert!(!zstd_cluster(b"garbage", &mut out));
+        let data = vec![7u8; 4096];
+        let z = zstd::bulk::compress(&data, 3).unwrap();
+        let mut padded = z.clone();
+        padded.extend_from_slice(&[0xAA; 300]);
+        assert!(zstd_cluster(&padded, &mut out));
+        assert_eq!(out, data);
+        let mut small = vec![0u8; 8192];
+        assert!(
+            !zstd_cluster(&z, &mut small),
+            "half a cluster is not a cluster"
+        );
+    }
+}
