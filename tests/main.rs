@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod config;
 mod configdrive;
+mod convert_fetch;
 mod corpus;
 mod crash;
 mod create;

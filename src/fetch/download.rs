@@ -16,6 +16,7 @@ use super::hash::{CHUNK, Digests, HashThread, ToHasher};
 use super::prefix;
 use super::retry;
 use super::sink::Sink;
+use super::stream::Watermark;
 use super::{Error, Options};
 use crate::fsutil;
 use crate::glance::{self, Client, Data, Image};
@@ -31,18 +32,21 @@ pub struct Download<'a> {
     pub bar: &'a dyn Transfer,
     /// The hash of the image's signature (`--verify-signatures`), fed the same buffers.
     pub signed: Option<MessageDigest>,
+    /// Told how far the `.part` is written, for a conversion that follows it.
+    pub follow: Option<&'a Watermark>,
 }
 
 impl Download<'_> {
-    /// Downloads over HTTP into `part`, resuming from its current length. Returns the size
+    /// Downloads over HTTP into `file` (the `.part`, see [`open_part`]), resuming from its
+    /// current length. Returns the size
     /// received and the digests.
-    pub fn run(&self, algo: &str) -> Result<(u64, Digests, File)> {
-        let mut file = open_part(self.part)?;
+    pub fn run(&self, mut file: File, algo: &str) -> Result<(u64, Digests, File)> {
         let hasher = HashThread::start_signed(algo, self.signed)?;
         let mut pos = self.resume(&mut file, &hasher)?;
         if let Some(end) = self.ranged(&file, &hasher, pos)? {
             pos = end;
         }
+        self.followed(pos);
         self.bar.set_position(pos);
         let mut failures = 0;
         // Only bytes beyond the furthest point reached count as progress, so a server that keeps
@@ -131,7 +135,13 @@ impl Download<'_> {
         let limit = self.image.size.unwrap_or(self.opts.max_image_size);
         let cap = limit.saturating_sub(*pos) + 1;
         let mut guarded = RateGuard::new((&mut body).take(cap), self.opts.min_rate);
-        let pumped = pump(&mut guarded, file, hasher, *pos, self.bar, self.writeback());
+        let out = Out {
+            file,
+            hasher,
+            bar: self.bar,
+            follow: self.follow,
+        };
+        let pumped = pump(&mut guarded, out, *pos, self.writeback());
         match pumped {
             Ok(n) => *pos += n,
             Err(PumpError::Read(e, n)) => {
@@ -188,6 +198,9 @@ impl Download<'_> {
                     self.rep.info(&format!(
                         "image {id}: the server did not resume at byte {pos} (it ignored the range, sent another one, or refused it); starting over"
                     ));
+                    if let Some(f) = self.follow {
+                        f.stop("the download started over");
+                    }
                     truncate(file, self.part)?;
                     hasher.send(ToHasher::Reset)?;
                     *pos = 0;
@@ -203,6 +216,12 @@ impl Download<'_> {
                 body
             }
         }))
+    }
+
+    fn followed(&self, pos: u64) {
+        if let Some(f) = self.follow {
+            f.written(pos);
+        }
     }
 
     /// Early writeback pays only for a `.part` that becomes the entry: one that is converted
@@ -293,48 +312,51 @@ enum PumpError {
     Write(std::io::Error),
 }
 
-/// Reads `src` to its end, appending to `file` (zero blocks as holes, see [`Sink`]) and
+/// Where [`pump`] puts the stream: the `.part`, the hasher, the progress bar, and the
+/// conversion that follows the `.part`, if any.
+struct Out<'a> {
+    file: &'a mut File,
+    hasher: &'a HashThread,
+    bar: &'a dyn Transfer,
+    follow: Option<&'a Watermark>,
+}
+
+/// Reads `src` to its end, appending to the file (zero blocks as holes, see [`Sink`]) and
 /// feeding the hasher every byte. Returns bytes copied; however it stops, the file is then
 /// exactly as long as what it holds of the stream.
-fn pump(
-    src: &mut dyn Read,
-    file: &mut File,
-    hasher: &HashThread,
-    pos: u64,
-    bar: &dyn Transfer,
-    writeback: bool,
-) -> Result<u64, PumpError> {
+fn pump(src: &mut dyn Read, mut out: Out<'_>, pos: u64, writeback: bool) -> Result<u64, PumpError> {
     let mut end = pos;
     let mut sink = Sink::new(pos, writeback);
-    let pumped = pump_into(src, file, hasher, &mut end, bar, &mut sink);
+    let pumped = pump_into(src, &mut out, &mut end, &mut sink);
     // Also after a failed read: the retry resumes from `end`, and a write error is final.
     if !matches!(pumped, Err(PumpError::Write(_))) {
-        sink.finish(file, end).map_err(PumpError::Write)?;
+        sink.finish(out.file, end).map_err(PumpError::Write)?;
     }
     pumped.map(|()| end - pos)
 }
 
 fn pump_into(
     src: &mut dyn Read,
-    file: &mut File,
-    hasher: &HashThread,
+    out: &mut Out<'_>,
     pos: &mut u64,
-    bar: &dyn Transfer,
     sink: &mut Sink,
 ) -> Result<(), PumpError> {
     let start = *pos;
     loop {
-        let mut buf = hasher.buffer();
+        let mut buf = out.hasher.buffer();
         buf.resize(CHUNK, 0);
         let (filled, end) = fill(src, &mut buf);
         buf.truncate(filled);
         if filled > 0 {
-            sink.write(file, &buf, *pos).map_err(PumpError::Write)?;
-            hasher
+            sink.write(out.file, &buf, *pos).map_err(PumpError::Write)?;
+            out.hasher
                 .send(ToHasher::Data(buf))
                 .map_err(|e| PumpError::Write(std::io::Error::other(e.to_string())))?;
             *pos += filled as u64;
-            bar.set_position(*pos);
+            if let Some(f) = out.follow {
+                f.written(*pos);
+            }
+            out.bar.set_position(*pos);
         }
         match end {
             Fill::More => {}
@@ -409,7 +431,13 @@ pub fn download_direct(
     }
     let hasher = HashThread::start_signed(algo, signed)?;
     // No early writeback: whether this `.part` is converted (and deleted) is not known here.
-    let n = match pump(&mut input, &mut file, &hasher, 0, bar, false) {
+    let out = Out {
+        file: &mut file,
+        hasher: &hasher,
+        bar,
+        follow: None,
+    };
+    let n = match pump(&mut input, out, 0, false) {
         Ok(n) => n,
         Err(PumpError::Read(e, _)) => {
             return Err(anyhow::Error::new(e).context(format!("cannot read {}", src.display())));
@@ -439,7 +467,8 @@ pub fn direct_file(image: &Image, opts: &Options, rep: &dyn Reporter) -> Option<
     }
 }
 
-fn open_part(part: &Path) -> Result<File> {
+/// Opens (or creates) the `.part` the download writes.
+pub fn open_part(part: &Path) -> Result<File> {
     fsutil::open_or_create(part).with_context(|| format!("cannot open {}", part.display()))
 }
 

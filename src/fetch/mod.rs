@@ -13,6 +13,7 @@ mod ranges;
 mod retry;
 mod signed;
 mod sink;
+mod stream;
 mod verify;
 
 use std::path::PathBuf;
@@ -424,29 +425,38 @@ impl Build<'_> {
         self.bar.set_length(self.image.size);
         self.bar.stage("downloading");
         let started = std::time::Instant::now();
+        let mut stream = None;
         let received = match download::direct_file(self.image, self.opts, self.rep) {
             Some(src) => {
                 let limit = self.image.size.unwrap_or(self.opts.max_image_size);
                 download::download_direct(&src, &part, (&algo, signed), limit, self.rep, self.bar)
             }
-            None => download::Download {
-                glance,
-                image: self.image,
-                part: &part,
-                opts: self.opts,
-                rep: self.rep,
-                bar: self.bar,
-                signed,
-            }
-            .run(&algo),
+            None => download::open_part(&part).and_then(|file| {
+                stream = stream::Stream::start(self, &file);
+                download::Download {
+                    glance,
+                    image: self.image,
+                    part: &part,
+                    opts: self.opts,
+                    rep: self.rep,
+                    bar: self.bar,
+                    signed,
+                    follow: stream.as_ref().map(stream::Stream::mark),
+                }
+                .run(file, &algo)
+            }),
         };
         let (size, digest, file) = match received {
             Ok(v) => v,
             Err(e) => {
+                drop(stream);
                 let _ = fsutil::remove_own(&part);
                 return Err(e);
             }
         };
+        if let Some(s) = &stream {
+            s.mark().complete();
+        }
         let secs = started.elapsed().as_secs_f64();
         self.rep.debug(&format!(
             "image {id}: {size} bytes downloaded and hashed ({algo}) in {secs:.2}s ({:.0} MiB/s)",
@@ -455,7 +465,7 @@ impl Build<'_> {
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
             .and_then(|()| self.still_undisturbed(&file, &algo, &expected))
             .and_then(|()| check.map_or(Ok(()), |c| c.verify(id, &digest)))
-            .and_then(|()| self.inspect_and_persist(&file, &algo, size, &digest.content));
+            .and_then(|()| self.inspect_and_persist(&file, &algo, size, &digest.content, stream));
         if verified.is_err() {
             let _ = fsutil::remove_own(&part);
         }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+use super::stream::Stream;
 use super::verify::{check_space, hash_value, second_opinion, space_watch};
 use super::{Build, Error};
 use crate::cache::Record;
@@ -48,14 +49,19 @@ impl Build<'_> {
         algo: &str,
         size: u64,
         content_digest: &str,
+        stream: Option<Stream>,
     ) -> Result<Record> {
         let part = self.entry.part_path();
         self.bar.stage("inspecting");
         let (report, info) = self.inspect(part_file)?;
         let convert = self.opts.force_raw && report.format.qemu_name() != "raw";
         let made = if convert {
-            self.convert(part_file, size, &report, &info)?
+            match self.streamed(stream, &info)? {
+                Some(made) => made,
+                None => self.convert(part_file, size, &report, &info)?,
+            }
         } else {
+            drop(stream);
             Made {
                 file: MadeFile::Part(part_file),
                 path: part.clone(),
@@ -117,6 +123,46 @@ impl Build<'_> {
             info.virtual_size
         ));
         Ok((report, info))
+    }
+
+    /// The conversion made during the download, if it saw the whole `.part` and agrees with
+    /// qemu-img on the virtual size; `None` (nothing left of it) sends the `.part` to
+    /// [`Self::convert`].
+    fn streamed(&self, stream: Option<Stream>, info: &qemu_img::Info) -> Result<Option<Made<'_>>> {
+        let Some(stream) = stream else {
+            return Ok(None);
+        };
+        let id = self.image.id.as_str();
+        self.bar.stage("converting");
+        let made = match stream.finish() {
+            Ok(made) => made,
+            Err(why) => {
+                self.rep
+                    .debug(&format!("image {id}: converting after the download: {why}"));
+                return Ok(None);
+            }
+        };
+        if made.virtual_size != info.virtual_size {
+            fsutil::remove_own(&made.path)
+                .with_context(|| format!("cannot remove {}", made.path.display()))?;
+            self.rep.debug(&format!(
+                "image {id}: converted during the download to {} bytes, qemu-img says {}; converting again",
+                made.virtual_size, info.virtual_size
+            ));
+            return Ok(None);
+        }
+        self.rep.debug(&format!(
+            "image {id}: converted qcow2 to raw during the download ({} clusters, {} compressed; done {:.2}s after it started)",
+            made.done.clusters, made.done.compressed, made.secs
+        ));
+        let content = crate::digest::of_file(&made.file)
+            .with_context(|| format!("cannot read {}", made.path.display()))?;
+        Ok(Some(Made {
+            file: MadeFile::Converted(made.file),
+            path: made.path,
+            format: "raw".to_owned(),
+            content,
+        }))
     }
 
     /// Converts the `.part` to raw into a new `.converted` and checks the result. qemu-img

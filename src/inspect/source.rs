@@ -38,6 +38,16 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// The first bytes of a file of `len` bytes that is still arriving: reads past them come
+    /// back empty, as past the end of a file.
+    pub fn from_prefix(bytes: &'a [u8], len: u64) -> Source<'a> {
+        Source {
+            len: len.max(bytes.len() as u64),
+            backing: Backing::Mem(bytes),
+            read: Cell::new(0),
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.len
