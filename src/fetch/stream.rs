@@ -112,11 +112,18 @@ struct Job {
 
 impl Stream {
     /// Starts converting `part` as it is written, when the image is a qcow2 fetched as raw over
-    /// one connection (parallel ranges fill the file out of order).
+    /// one connection (parallel ranges fill the file out of order), unless
+    /// `IMGCACHE_CONVERTER=qemu-img` leaves every conversion to qemu-img after the download.
     pub fn start(build: &Build<'_>, part: &File) -> Option<Stream> {
         let image = build.image;
         let qcow2 = image.disk_format.as_deref() == Some("qcow2");
         if !build.opts.force_raw || !qcow2 || build.opts.connections > 1 {
+            return None;
+        }
+        if std::env::var_os("IMGCACHE_CONVERTER").is_some_and(|v| v == "qemu-img") {
+            build
+                .rep
+                .debug("IMGCACHE_CONVERTER=qemu-img: converting after the download");
             return None;
         }
         let part = part.try_clone().ok()?;
