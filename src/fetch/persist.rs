@@ -155,13 +155,11 @@ impl Build<'_> {
             "image {id}: converted qcow2 to raw during the download ({} clusters, {} compressed; done {:.2}s after it started)",
             made.done.clusters, made.done.compressed, made.secs
         ));
-        let content = crate::digest::of_file(&made.file)
-            .with_context(|| format!("cannot read {}", made.path.display()))?;
         Ok(Some(Made {
             file: MadeFile::Converted(made.file),
             path: made.path,
             format: "raw".to_owned(),
-            content,
+            content: made.content,
         }))
     }
 

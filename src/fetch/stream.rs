@@ -91,6 +91,8 @@ pub(super) struct Streamed {
     pub path: PathBuf,
     pub virtual_size: u64,
     pub done: qcow2_read::Done,
+    /// The content digest of the raw image (see `crate::digest`).
+    pub content: String,
     pub secs: f64,
 }
 
@@ -193,12 +195,20 @@ impl Job {
             .set_len(virtual_size)
             .map_err(qcow2_read::Error::from)
             .and_then(|()| qcow2_read::convert(part, mark, &out, &watch));
-        match converted {
-            Ok(done) => Ok(Streamed {
+        // The content digest and the data's way to the disk, here: the fetch's own thread is
+        // meanwhile inspecting the complete `.part`.
+        let finished = converted.and_then(|done| {
+            let content = crate::digest::of_file(&out)?;
+            out.sync_data()?;
+            Ok((done, content))
+        });
+        match finished {
+            Ok((done, content)) => Ok(Streamed {
                 file: out,
                 path: self.dst,
                 virtual_size,
                 done,
+                content,
                 secs: started.elapsed().as_secs_f64(),
             }),
             Err(e) => {

@@ -23,6 +23,10 @@ use std::collections::BinaryHeap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+mod pool;
+
+use pool::{Output, Pool};
+
 /// `QFI\xfb`.
 const MAGIC: &[u8] = b"QFI\xfb";
 
@@ -30,8 +34,6 @@ const MAGIC: &[u8] = b"QFI\xfb";
 pub const MAX_PENDING: usize = 1 << 19;
 /// The largest L1 table read (qemu allows 32 MiB; 4 MiB covers 256 TiB at 64 KiB clusters).
 const MAX_L1_BYTES: u64 = 4 << 20;
-/// Holes are left for all-zero blocks of this size.
-const ZERO_BLOCK: usize = 4096;
 /// How often (bytes written) the caller's stop check runs.
 const CHECK_EVERY: u64 = 64 << 20;
 
@@ -202,28 +204,40 @@ pub fn convert(
     stop: &dyn Fn() -> Option<String>,
 ) -> Result<Done, Error> {
     let head = read_exact(src, grow, 0, 112)?;
-    let header = Header::parse(&head)?;
-    let mut c = Converter {
-        src,
-        grow,
-        out,
-        stop,
-        h: header.clone(),
-        queue: BinaryHeap::new(),
-        done: Done {
-            virtual_size: header.virtual_size,
-            cluster_size: header.cluster_size(),
-            ..Done::default()
-        },
-        since_check: 0,
-        buf: Vec::new(),
-        cluster: Vec::new(),
-    };
-    c.read_l1()?;
-    while let Some(Reverse(item)) = c.queue.pop() {
-        c.run(item)?;
+    let h = Header::parse(&head)?;
+    let output = Output::new(out);
+    let cluster_size =
+        usize::try_from(h.cluster_size()).map_err(|_| unsupported("cluster size"))?;
+    let result: Result<(), Error> = pool::with_pool(&output, h.zstd, cluster_size, |pool| {
+        let mut c = Converter {
+            src,
+            grow,
+            out: &output,
+            pool,
+            stop,
+            h: h.clone(),
+            queue: BinaryHeap::new(),
+            next_check: CHECK_EVERY,
+            buf: Vec::new(),
+        };
+        c.read_l1()?;
+        while let Some(Reverse(item)) = c.queue.pop() {
+            c.run(item)?;
+        }
+        Ok(())
+    });
+    // Every queued cluster is written now; a decompressing thread's failure comes first.
+    if let Some(e) = output.take_failure() {
+        return Err(e);
     }
-    Ok(c.done)
+    result?;
+    let (clusters, compressed) = output.counts();
+    Ok(Done {
+        virtual_size: h.virtual_size,
+        cluster_size: h.cluster_size(),
+        clusters,
+        compressed,
+    })
 }
 
 /// Reads exactly `len` bytes at `offset` once they are written (zeros where the writer left a
@@ -259,16 +273,15 @@ fn read_into(src: &File, grow: &dyn Growing, offset: u64, buf: &mut [u8]) -> Res
 struct Converter<'a> {
     src: &'a File,
     grow: &'a dyn Growing,
-    out: &'a File,
+    out: &'a Output<'a>,
+    pool: &'a Pool,
     stop: &'a dyn Fn() -> Option<String>,
     h: Header,
     queue: BinaryHeap<Reverse<Item>>,
-    done: Done,
-    since_check: u64,
-    /// Read buffer (a cluster, or a compressed cluster's bytes).
+    /// When (bytes written) to ask `stop` next.
+    next_check: u64,
+    /// Read buffer for tables and plain clusters.
     buf: Vec<u8>,
-    /// Decompression output.
-    cluster: Vec<u8>,
 }
 
 impl Converter<'_> {
@@ -328,16 +341,33 @@ impl Converter<'_> {
 
     fn run(&mut self, item: Item) -> Result<(), Error> {
         let len = usize::try_from(item.end - item.host).map_err(|_| unsupported("a huge read"))?;
-        self.buf.resize(len, 0);
-        let mut buf = std::mem::take(&mut self.buf);
-        let result =
-            read_into(self.src, self.grow, item.host, &mut buf).and_then(|()| match item.kind {
-                Kind::L2 => self.l2(&buf, item.guest),
-                Kind::Plain => self.write(&buf, item.guest),
-                Kind::Compressed => self.decompress(&buf, item.guest),
+        if item.kind == Kind::Compressed {
+            let mut input = self.pool.buffer();
+            input.resize(len, 0);
+            read_into(self.src, self.grow, item.host, &mut input)?;
+            let cs = self.h.cluster_size();
+            let out_len = cs.min(self.h.virtual_size - item.guest) as usize;
+            self.pool.submit(self.out, input, item.guest, out_len)?;
+        } else {
+            self.buf.resize(len, 0);
+            let mut buf = std::mem::take(&mut self.buf);
+            let result = read_into(self.src, self.grow, item.host, &mut buf).and_then(|()| {
+                if item.kind == Kind::L2 {
+                    self.l2(&buf, item.guest)
+                } else {
+                    self.out.write(&buf, item.guest).map_err(Error::from)
+                }
             });
-        self.buf = buf;
-        result
+            self.buf = buf;
+            result?;
+        }
+        if self.out.written() >= self.next_check {
+            self.next_check = self.out.written() + CHECK_EVERY;
+            if let Some(why) = (self.stop)() {
+                return Err(Error::Stopped(why));
+            }
+        }
+        Ok(())
     }
 
     /// Queues the clusters an L2 table covering guest bytes from `base` names.
@@ -378,96 +408,6 @@ impl Converter<'_> {
         }
         Ok(())
     }
-
-    /// Decompresses one cluster (qemu's rule: it must give a whole cluster; bytes after the
-    /// compressed stream are ignored) and writes it.
-    fn decompress(&mut self, input: &[u8], guest: u64) -> Result<(), Error> {
-        let cs = self.h.cluster_size() as usize;
-        self.cluster.resize(cs, 0);
-        let mut cluster = std::mem::take(&mut self.cluster);
-        let ok = if self.h.zstd {
-            zstd_cluster(input, &mut cluster)
-        } else {
-            zlib_cluster(input, &mut cluster)
-        };
-        let result = if ok {
-            let len = (cs as u64).min(self.h.virtual_size - guest) as usize;
-            self.done.compressed += 1;
-            self.write(&cluster[..len], guest)
-        } else {
-            Err(unsupported(format!(
-                "guest cluster at {guest:#x}: compressed data that does not decompress to a whole cluster"
-            )))
-        };
-        self.cluster = cluster;
-        result
-    }
-
-    /// Writes a cluster's bytes at `guest`, leaving all-zero blocks as holes.
-    fn write(&mut self, data: &[u8], guest: u64) -> Result<(), Error> {
-        self.done.clusters += 1;
-        let mut at = 0;
-        while at < data.len() {
-            // The next run of non-zero blocks, written in one call.
-            while at < data.len() && is_zero(&data[at..(at + ZERO_BLOCK).min(data.len())]) {
-                at += ZERO_BLOCK;
-            }
-            let start = at;
-            while at < data.len() && !is_zero(&data[at..(at + ZERO_BLOCK).min(data.len())]) {
-                at += ZERO_BLOCK;
-            }
-            let end = at.min(data.len());
-            if end > start {
-                self.out
-                    .write_all_at(&data[start..end], guest + start as u64)?;
-            }
-        }
-        self.since_check += data.len() as u64;
-        if self.since_check >= CHECK_EVERY {
-            self.since_check = 0;
-            if let Some(why) = (self.stop)() {
-                return Err(Error::Stopped(why));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
-
-/// Raw deflate (qcow2 writes it with window bits -12; a larger window reads it too).
-fn zlib_cluster(input: &[u8], out: &mut [u8]) -> bool {
-    let mut d = flate2::Decompress::new(false);
-    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
-        Ok(flate2::Status::StreamEnd) | Ok(flate2::Status::BufError) | Ok(flate2::Status::Ok) => {
-            d.total_out() == out.len() as u64
-        }
-        Err(_) => false,
-    }
-}
-
-/// One zstd frame, streamed until the cluster is full (qemu stops there too).
-fn zstd_cluster(input: &[u8], out: &mut [u8]) -> bool {
-    let Ok(mut d) = zstd::stream::raw::Decoder::new() else {
-        return false;
-    };
-    let mut inb = zstd::stream::raw::InBuffer::around(input);
-    let mut outb = zstd::stream::raw::OutBuffer::around(out);
-    loop {
-        let before = (inb.pos(), outb.pos());
-        match zstd::stream::raw::Operation::run(&mut d, &mut inb, &mut outb) {
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-        if outb.pos() == outb.capacity() {
-            return true;
-        }
-        if (inb.pos(), outb.pos()) == before || inb.pos() == input.len() {
-            return outb.pos() == outb.capacity();
-        }
-    }
 }
 
 #[cfg(test)]
@@ -504,17 +444,17 @@ mod tests {
     #[test]
     fn a_short_or_bad_compressed_cluster_is_refused() {
         let mut out = vec![0u8; 4096];
-        assert!(!zlib_cluster(b"garbage", &mut out));
-        assert!(!zstd_cluster(b"garbage", &mut out));
+        assert!(!pool::zlib_cluster(b"garbage", &mut out));
+        assert!(!pool::zstd_cluster(b"garbage", &mut out));
         let data = vec![7u8; 4096];
         let z = zstd::bulk::compress(&data, 3).unwrap();
         let mut padded = z.clone();
         padded.extend_from_slice(&[0xAA; 300]);
-        assert!(zstd_cluster(&padded, &mut out));
+        assert!(pool::zstd_cluster(&padded, &mut out));
         assert_eq!(out, data);
         let mut small = vec![0u8; 8192];
         assert!(
-            !zstd_cluster(&z, &mut small),
+            !pool::zstd_cluster(&z, &mut small),
             "half a cluster is not a cluster"
         );
     }
