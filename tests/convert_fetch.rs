@@ -75,7 +75,8 @@ fn what_the_native_converter_does_not_take_is_converted_by_qemu_img() {
     let tmp = tempfile::tempdir().unwrap();
     let raw = image_bytes(62);
     // The last data cluster cut short: qemu reads the missing bytes as zeros; the native
-    // converter leaves such a file to it.
+    // converter leaves such a file to it — after one more download, as it had given bytes of
+    // the first one back by the time it met the end of the file.
     let qcow = qcow2_of(tmp.path(), "cut", &raw, "compat=1.1", false);
     let len = std::fs::metadata(&qcow).unwrap().len();
     std::fs::OpenOptions::new()
@@ -92,8 +93,14 @@ fn what_the_native_converter_does_not_take_is_converted_by_qemu_img() {
     let r = run(cache.fetch(&g.url).args(["-v", &id]));
     cache.assert_fetched(&id, &want, &r);
     assert!(
-        r.stderr.contains("converting after the download"),
+        r.stderr
+            .contains("past the end of the file); downloading again"),
         "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("converted qcow2 to raw (-t"),
+        "qemu-img converted it: {}",
         r.stderr
     );
 
@@ -142,6 +149,54 @@ fn a_cut_download_resumes_into_the_same_conversion_and_a_restart_falls_back() {
     );
 }
 
+/// Makes the L2 entry after the first allocated one at or past `from` (in the first L2 table)
+/// name the same host cluster.
+fn alias_cluster(qcow: &Path, from: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(qcow)
+        .unwrap();
+    let mut h = [0u8; 48];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, l1).unwrap();
+    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+    for j in from..8192 {
+        f.read_exact_at(&mut e, l2 + j * 8).unwrap();
+        if u64::from_be_bytes(e) != 0 {
+            f.write_all_at(&e, l2 + (j + 1) * 8).unwrap();
+            return;
+        }
+    }
+    panic!("no allocated cluster past {from}");
+}
+
+#[test]
+fn a_cluster_needed_again_after_it_was_given_back_makes_the_fetch_download_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qcow = qcow2_of(
+        tmp.path(),
+        "aliased",
+        &test_bytes(6 << 20, 65),
+        "compat=1.1",
+        false,
+    );
+    // Two guest clusters (2.5 MiB in or later) name one cluster's data, past the kept head.
+    alias_cluster(&qcow, 40);
+    let expected = tmp.path().join("aliased.expected");
+    qcow2_to_raw(&qcow, &expected);
+    let want = std::fs::read(&expected).unwrap();
+    let srv = served(&qcow, "aliased");
+    let cache = Cache::new();
+    let r = run(cache.fetch(&srv.url).args(["-v", "aliased"]));
+    cache.assert_fetched("aliased", &want, &r);
+    assert!(r.stderr.contains("downloading again"), "{}", r.stderr);
+    assert_eq!(srv.file_requests().len(), 2, "one download, then one more");
+}
+
 #[test]
 fn a_header_the_inspector_refuses_fails_the_fetch_with_no_temp_left() {
     let tmp = tempfile::tempdir().unwrap();
@@ -165,4 +220,60 @@ fn a_header_the_inspector_refuses_fails_the_fetch_with_no_temp_left() {
     r.assert_code(5);
     assert!(r.stderr.contains("backing file"), "{}", r.stderr);
     cache.assert_clean_or_complete(None);
+}
+
+/// The `user.imgcache.done` record of a `.part`, if it has one.
+fn done_record(part: &Path) -> Option<String> {
+    let path = std::ffi::CString::new(part.to_str()?).ok()?;
+    let mut buf = [0u8; 32];
+    // SAFETY: NUL-terminated path and name; the buffer is ours, of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.imgcache.done".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn a_part_killed_after_bytes_were_given_back_is_downloaded_afresh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = test_bytes(8 << 20, 66);
+    let qcow = qcow2_of(tmp.path(), "killed", &raw, "compat=1.1", false);
+    let srv = served(&qcow, "killed");
+    // 64 KiB every 10 ms: about 1.3 s for the image.
+    srv.pace(Some(std::time::Duration::from_millis(10)));
+    let cache = Cache::new();
+    let part = cache
+        .base()
+        .join(format!("{}.part", crate::support::entry_name("killed")));
+    let mut child = cache
+        .fetch(&srv.url)
+        .arg("killed")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while done_record(&part).is_none() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed while downloading");
+    assert_eq!(
+        done_record(&part).as_deref(),
+        Some("0"),
+        "the .part is marked as not to be resumed before any byte is given back"
+    );
+    srv.pace(None);
+    let r = run(cache.fetch(&srv.url).args(["-v", "killed"]));
+    cache.assert_fetched("killed", &raw, &r);
+    let reqs = srv.file_requests();
+    assert_eq!(reqs.last().and_then(|s| s.range.clone()), None, "{reqs:?}");
+    assert!(!r.stderr.contains("resuming"), "{}", r.stderr);
 }

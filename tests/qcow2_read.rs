@@ -234,6 +234,89 @@ fn an_l2_table_after_its_data_and_a_truncated_file_are_handled() {
     );
 }
 
+/// A complete file whose converted bytes may all be given back.
+struct Releasing(u64);
+
+impl Growing for Releasing {
+    fn wait_for(&self, end: u64) -> Result<u64, Error> {
+        Ok(end.min(self.0))
+    }
+    fn releasable(&self) -> std::ops::Range<u64> {
+        0..self.0
+    }
+    fn releasing(&self) -> bool {
+        true
+    }
+}
+
+fn allocated(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512
+}
+
+/// Makes the L2 entry after the first allocated one at or past `from` (in the first L2 table)
+/// name the same host cluster.
+fn alias_cluster(qcow: &Path, from: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(qcow)
+        .unwrap();
+    let mut h = [0u8; 48];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, l1).unwrap();
+    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+    for j in from..8192 {
+        f.read_exact_at(&mut e, l2 + j * 8).unwrap();
+        if u64::from_be_bytes(e) != 0 {
+            f.write_all_at(&e, l2 + (j + 1) * 8).unwrap();
+            return;
+        }
+    }
+    panic!("no allocated cluster past {from}");
+}
+
+#[test]
+fn converted_bytes_given_back_leave_holes_and_a_cluster_named_twice_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), 6 << 20, 46);
+    for (name, compress) in [("give-back", false), ("give-back-z", true)] {
+        let q = dir.path().join(format!("{name}.qcow2"));
+        to_qcow2(&src, &q, "compat=1.1", compress);
+        let want = reference(&q).unwrap();
+        let before = allocated(&q);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&q)
+            .unwrap();
+        let got = convert_with(&f, &Releasing(f.metadata().unwrap().len()), &q).unwrap();
+        assert!(got == want, "{name}: differs from qemu-img");
+        let after = allocated(&q);
+        assert!(
+            after < before / 4,
+            "{name}: {before} bytes allocated before, {after} after"
+        );
+    }
+    // Two L2 entries naming one cluster: qemu-img copies it twice; a conversion that gave it
+    // back after the first copy must stop, not copy a hole.
+    let q = dir.path().join("aliased.qcow2");
+    to_qcow2(&src, &q, "compat=1.1", false);
+    alias_cluster(&q, 40);
+    assert_identical_or_unsupported(&q, true);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&q)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    match convert_with(&f, &Releasing(len), &q) {
+        Err(Error::Released(_)) => {}
+        other => panic!("expected Released, got {:?}", other.map(|v| v.len())),
+    }
+}
+
 /// Follows a file another thread is writing in 1 MiB steps, as a download does.
 struct Writer {
     state: Mutex<(u64, bool)>,

@@ -199,7 +199,7 @@ impl Download<'_> {
                         "image {id}: the server did not resume at byte {pos} (it ignored the range, sent another one, or refused it); starting over"
                     ));
                     if let Some(f) = self.follow {
-                        f.stop("the download started over");
+                        f.restart();
                     }
                     truncate(file, self.part)?;
                     hasher.send(ToHasher::Reset)?;

@@ -60,6 +60,12 @@ pub enum Error {
         "image {id} has no size in its Glance record and its data goes past --max-image-size ({limit} bytes); the download was stopped there and discarded — raise --max-image-size if the image is genuine"
     )]
     NoSizeTooLarge { id: String, limit: u64 },
+    /// The conversion during the download gave bytes of the `.part` back and then could not
+    /// finish: the fetch downloads the image again and converts it after the download.
+    #[error(
+        "image {id}: the conversion during the download stopped after it had given downloaded bytes back ({why}); downloading again"
+    )]
+    Redownload { id: String, why: String },
     #[error(
         "image {id} is no longer the cached one: the entry has {algo} {cached}, Glance now says {now} (an id purged and reused?); when no instance uses it, replace it with `imgcache fetch --replace {id}`"
     )]
@@ -102,6 +108,7 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::NotActive { .. } => Kind::NotUsable,
+            Error::Redownload { .. } => Kind::Other,
             Error::Size { .. }
             | Error::TooLong { .. }
             | Error::NoSizeTooLarge { .. }
@@ -386,11 +393,26 @@ impl Build<'_> {
     /// deletes it after removing a base, so a later Nova download locks a new file), take the
     /// new one and re-read the `.part` from disk: a Nova that wrote the same `.part` meanwhile
     /// makes its bytes differ from the stream we hashed. Costs one re-read, only then.
-    fn still_undisturbed(&self, file: &std::fs::File, algo: &str, expected: &str) -> Result<()> {
+    fn still_undisturbed(
+        &self,
+        file: &std::fs::File,
+        algo: &str,
+        expected: &str,
+        streaming: bool,
+    ) -> Result<()> {
         if self.lock.borrow().nova_is_current() {
             return Ok(());
         }
         let id = self.image.id.as_str();
+        if streaming {
+            // The conversion during the download may be giving the `.part`'s bytes back: what
+            // is on disk cannot be re-read as the stream. Download again, converting after.
+            return Err(Error::Redownload {
+                id: id.into(),
+                why: "Nova's lock file was replaced meanwhile".into(),
+            }
+            .into());
+        }
         self.rep.warn(&format!(
             "image {id}: Nova's lock file {} was replaced while it was held (nova-compute's cache manager removes it); taking the new one and re-reading the download",
             self.lock.borrow().nova_path().display()
@@ -417,6 +439,17 @@ impl Build<'_> {
     /// is removed: within a run retries already resume, and only a killed process leaves a
     /// `.part`, which the next run resumes.
     fn entry(&self, glance: &Client) -> Result<Record> {
+        match self.entry_with(glance, true) {
+            Err(e) if matches!(e.downcast_ref::<Error>(), Some(Error::Redownload { .. })) => {
+                self.rep.warn(&format!("{e:#}"));
+                self.entry_with(glance, false)
+            }
+            r => r,
+        }
+    }
+
+    /// [`Self::entry`], with or without the conversion during the download.
+    fn entry_with(&self, glance: &Client, streaming: bool) -> Result<Record> {
         let id = self.image.id.as_str();
         let part = self.entry.part_path();
         let (algo, expected) = verify::hash_spec(self.image)?;
@@ -432,7 +465,9 @@ impl Build<'_> {
                 download::download_direct(&src, &part, (&algo, signed), limit, self.rep, self.bar)
             }
             None => download::open_part(&part).and_then(|file| {
-                stream = stream::Stream::start(self, &file);
+                stream = streaming
+                    .then(|| stream::Stream::start(self, &file))
+                    .flatten();
                 download::Download {
                     glance,
                     image: self.image,
@@ -463,7 +498,7 @@ impl Build<'_> {
             size as f64 / secs.max(1e-9) / f64::from(1u32 << 20)
         ));
         let verified = verify::verify(self.image, size, &algo, &expected, &digest.glance)
-            .and_then(|()| self.still_undisturbed(&file, &algo, &expected))
+            .and_then(|()| self.still_undisturbed(&file, &algo, &expected, stream.is_some()))
             .and_then(|()| check.map_or(Ok(()), |c| c.verify(id, &digest)))
             .and_then(|()| self.inspect_and_persist(&file, &algo, size, &digest.content, stream));
         if verified.is_err() {

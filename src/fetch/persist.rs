@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::stream::Stream;
+use super::stream::{Failed, Stream};
 use super::verify::{check_space, hash_value, second_opinion, space_watch};
 use super::{Build, Error};
 use crate::cache::Record;
@@ -136,7 +136,11 @@ impl Build<'_> {
         self.bar.stage("converting");
         let made = match stream.finish() {
             Ok(made) => made,
-            Err(why) => {
+            Err(Failed {
+                why,
+                released: true,
+            }) => return Err(Error::Redownload { id: id.into(), why }.into()),
+            Err(Failed { why, .. }) => {
                 self.rep
                     .debug(&format!("image {id}: converting after the download: {why}"));
                 return Ok(None);
@@ -145,15 +149,23 @@ impl Build<'_> {
         if made.virtual_size != info.virtual_size {
             fsutil::remove_own(&made.path)
                 .with_context(|| format!("cannot remove {}", made.path.display()))?;
-            self.rep.debug(&format!(
-                "image {id}: converted during the download to {} bytes, qemu-img says {}; converting again",
+            let why = format!(
+                "converted to {} bytes, qemu-img says {}",
                 made.virtual_size, info.virtual_size
-            ));
+            );
+            if made.done.released > 0 {
+                return Err(Error::Redownload { id: id.into(), why }.into());
+            }
+            self.rep
+                .debug(&format!("image {id}: {why}; converting again"));
             return Ok(None);
         }
         self.rep.debug(&format!(
-            "image {id}: converted qcow2 to raw during the download ({} clusters, {} compressed; done {:.2}s after it started)",
-            made.done.clusters, made.done.compressed, made.secs
+            "image {id}: converted qcow2 to raw during the download ({} clusters, {} compressed, {} MiB of the download given back; done {:.2}s after it started)",
+            made.done.clusters,
+            made.done.compressed,
+            made.done.released >> 20,
+            made.secs
         ));
         Ok(Some(Made {
             file: MadeFile::Converted(made.file),

@@ -10,13 +10,16 @@
 //! `persist` converts the complete `.part` with `qemu-img convert`, as it always did.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
 use super::Build;
+use super::prefix;
 use super::verify::{check_space, space_watch};
 use crate::fsutil;
 use crate::inspect::{self, Format, Source};
@@ -25,6 +28,10 @@ use crate::qcow2_read::{self, Growing};
 /// How much of the stream the header verdict waits for: the header, its extensions and the
 /// backing file name live in the first cluster, 64 KiB by default.
 const HEAD: u64 = 64 << 10;
+/// The first and last this many bytes of the `.part` are never given back: the complete
+/// inspection after the download reads them (the header, and the signatures of other formats
+/// at the start and at the end of the file).
+const KEEP: u64 = 1 << 20;
 
 /// How far the download has written the `.part`, for a reader that follows it.
 #[derive(Default)]
@@ -38,6 +45,8 @@ struct Mark {
     written: u64,
     /// `Some(Ok)` once the download completed, `Some(Err)` once it stopped or restarted.
     end: Option<Result<(), String>>,
+    /// The download started the `.part` over: whatever was given back is gone with it.
+    restarted: bool,
 }
 
 impl Watermark {
@@ -59,7 +68,18 @@ impl Watermark {
         self.cv.notify_all();
     }
 
-    /// The file will not grow on from here as one stream (the download failed or started over).
+    /// The download is about to start the `.part` over (truncate it). Once this returns, no
+    /// bytes of the `.part` are given back any more (see `Follow::punch`).
+    pub fn restart(&self) {
+        let mut m = self.lock();
+        m.restarted = true;
+        if m.end.is_none() {
+            m.end = Some(Err("the download started over".into()));
+        }
+        self.cv.notify_all();
+    }
+
+    /// The file will not grow on from here as one stream (the download failed).
     pub fn stop(&self, why: &str) {
         let mut m = self.lock();
         if m.end.is_none() {
@@ -96,16 +116,68 @@ pub(super) struct Streamed {
     pub secs: f64,
 }
 
+/// Why the thread made nothing; `released`: it had given bytes of the `.part` back, so the
+/// `.part` is no longer the image and the fetch must download it again.
+pub(super) struct Failed {
+    pub why: String,
+    pub released: bool,
+}
+
 /// The converting thread of one download.
 pub(super) struct Stream {
     mark: Arc<Watermark>,
+    released: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<Result<Streamed, String>>>,
+}
+
+/// The `.part` as the converter sees it: growing with the download, and giving converted bytes
+/// back (hole-punched) between the kept head and tail — after it is marked as never to be
+/// resumed.
+struct Follow<'a> {
+    mark: &'a Watermark,
+    part: &'a File,
+    allowed: Range<u64>,
+    released: &'a AtomicBool,
+}
+
+impl Growing for Follow<'_> {
+    fn wait_for(&self, end: u64) -> Result<u64, qcow2_read::Error> {
+        self.mark.wait_for(end)
+    }
+
+    fn releasable(&self) -> Range<u64> {
+        self.allowed.clone()
+    }
+
+    /// Under the watermark's lock, and only while the download goes on: a download that starts
+    /// over takes that lock first (`Watermark::restart`), so no hole lands in its new bytes.
+    fn punch(&self, src: &File, from: u64, to: u64) -> Result<bool, qcow2_read::Error> {
+        let m = self.mark.lock();
+        if matches!(m.end, Some(Err(_))) {
+            return Ok(false);
+        }
+        qcow2_read::punch_hole(src, from, to)?;
+        drop(m);
+        Ok(true)
+    }
+
+    fn releasing(&self) -> bool {
+        // An empty complete prefix (see `prefix`): a run that resumes this `.part` after a kill
+        // starts it over instead of trusting bytes that are now holes.
+        if prefix::record_prefix(self.part, 0).is_err() {
+            return false;
+        }
+        self.released.store(true, Ordering::SeqCst);
+        true
+    }
 }
 
 /// What the thread needs from the build (owned: the thread outlives no borrow).
 struct Job {
     id: String,
     declared_len: u64,
+    /// Where converted bytes of the `.part` may be given back.
+    releasable: Range<u64>,
     dst: PathBuf,
     base_dir: PathBuf,
     min_free: crate::units::Reserve,
@@ -129,24 +201,36 @@ impl Stream {
             return None;
         }
         let part = part.try_clone().ok()?;
+        // Only a size Glance states bounds the kept tail.
+        let releasable = image
+            .size
+            .map_or(0..0, |size| KEEP..size.saturating_sub(KEEP));
         let job = Job {
             id: image.id.clone(),
             declared_len: image.size.unwrap_or(build.opts.max_image_size),
+            releasable,
             dst: build.entry.converted_path(),
             base_dir: build.cache.base_dir().to_path_buf(),
             min_free: build.opts.min_free,
             limits: build.opts.limits,
         };
         let mark = Arc::new(Watermark::default());
-        let follow = mark.clone();
+        let released = Arc::new(AtomicBool::new(false));
+        let (follow, gave_back) = (mark.clone(), released.clone());
         let handle = thread::Builder::new()
             .name("convert".into())
-            .spawn(move || job.run(&part, &follow))
+            .spawn(move || job.run(&part, &follow, &gave_back))
             .ok()?;
         Some(Stream {
             mark,
+            released,
             handle: Some(handle),
         })
+    }
+
+    /// True once the converter has begun giving bytes of the `.part` back.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
     }
 
     pub fn mark(&self) -> &Watermark {
@@ -155,12 +239,15 @@ impl Stream {
 
     /// Waits for the thread (the download must have completed or stopped). `Err` says why the
     /// conversion did not happen here; nothing of it is left then.
-    pub fn finish(mut self) -> Result<Streamed, String> {
+    pub fn finish(mut self) -> Result<Streamed, Failed> {
         let handle = self.handle.take();
-        handle.map_or(Err("not started".into()), |h| {
+        let result = handle.map_or(Err("not started".into()), |h| {
             h.join()
                 .unwrap_or_else(|_| Err("the converting thread failed".into()))
-        })
+        });
+        // Bytes given back before the download started over went with the old `.part`.
+        let released = self.released() && !self.mark.lock().restarted;
+        result.map_err(|why| Failed { why, released })
     }
 }
 
@@ -176,7 +263,7 @@ impl Drop for Stream {
 }
 
 impl Job {
-    fn run(self, part: &File, mark: &Watermark) -> Result<Streamed, String> {
+    fn run(self, part: &File, mark: &Watermark, released: &AtomicBool) -> Result<Streamed, String> {
         let started = Instant::now();
         let header = self.verdict(part, mark)?;
         let virtual_size = header.virtual_size;
@@ -194,7 +281,15 @@ impl Job {
         let converted = out
             .set_len(virtual_size)
             .map_err(qcow2_read::Error::from)
-            .and_then(|()| qcow2_read::convert(part, mark, &out, &watch));
+            .and_then(|()| {
+                let follow = Follow {
+                    mark,
+                    part,
+                    allowed: self.releasable.clone(),
+                    released,
+                };
+                qcow2_read::convert(part, &follow, &out, &watch)
+            });
         // The content digest and the data's way to the disk, here: the fetch's own thread is
         // meanwhile inspecting the complete `.part`.
         let finished = converted.and_then(|done| {

@@ -24,8 +24,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 mod pool;
+mod release;
 
 use pool::{Output, Pool};
+use release::Released;
+pub use release::punch_hole;
 
 /// `QFI\xfb`.
 const MAGIC: &[u8] = b"QFI\xfb";
@@ -53,6 +56,24 @@ pub trait Growing {
     /// Bytes below the returned mark read as what was written (a short read means zeros: the
     /// writer leaves holes).
     fn wait_for(&self, end: u64) -> Result<u64, Error>;
+
+    /// Where bytes of the file may be given back to the filesystem (hole-punched) once the
+    /// conversion has read them; none by default.
+    fn releasable(&self) -> std::ops::Range<u64> {
+        0..0
+    }
+
+    /// Asked once, before the first bytes are given back; `false` keeps every byte.
+    fn releasing(&self) -> bool {
+        false
+    }
+
+    /// Gives `from..to` back (punches a hole); `Ok(false)` if it may no longer be done (the
+    /// file started over: its bytes there are new).
+    fn punch(&self, src: &File, from: u64, to: u64) -> Result<bool, Error> {
+        release::punch_hole(src, from, to)?;
+        Ok(true)
+    }
 }
 
 /// A complete file of `len` bytes.
@@ -74,6 +95,10 @@ pub enum Error {
     /// the caller's stop check asked to stop.
     #[error("stopped: {0}")]
     Stopped(String),
+    /// The layout needs bytes again that were already given back (see [`Growing::releasable`]):
+    /// the file no longer holds the image, so nothing else can convert it either.
+    #[error("released: {0}")]
+    Released(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -90,6 +115,8 @@ pub struct Done {
     /// Data clusters copied, of them compressed.
     pub clusters: u64,
     pub compressed: u64,
+    /// Bytes of the source given back to the filesystem.
+    pub released: u64,
 }
 
 /// The header fields the conversion needs.
@@ -208,7 +235,7 @@ pub fn convert(
     let output = Output::new(out);
     let cluster_size =
         usize::try_from(h.cluster_size()).map_err(|_| unsupported("cluster size"))?;
-    let result: Result<(), Error> = pool::with_pool(&output, h.zstd, cluster_size, |pool| {
+    let result: Result<u64, Error> = pool::with_pool(&output, h.zstd, cluster_size, |pool| {
         let mut c = Converter {
             src,
             grow,
@@ -219,24 +246,27 @@ pub fn convert(
             queue: BinaryHeap::new(),
             next_check: CHECK_EVERY,
             buf: Vec::new(),
+            released: Released::new(grow.releasable()),
         };
         c.read_l1()?;
         while let Some(Reverse(item)) = c.queue.pop() {
             c.run(item)?;
         }
-        Ok(())
+        c.released.flush(src, grow)?;
+        Ok(c.released.total)
     });
     // Every queued cluster is written now; a decompressing thread's failure comes first.
     if let Some(e) = output.take_failure() {
         return Err(e);
     }
-    result?;
+    let released = result?;
     let (clusters, compressed) = output.counts();
     Ok(Done {
         virtual_size: h.virtual_size,
         cluster_size: h.cluster_size(),
         clusters,
         compressed,
+        released,
     })
 }
 
@@ -282,6 +312,8 @@ struct Converter<'a> {
     next_check: u64,
     /// Read buffer for tables and plain clusters.
     buf: Vec<u8>,
+    /// What was given back of the source.
+    released: Released,
 }
 
 impl Converter<'_> {
@@ -341,10 +373,16 @@ impl Converter<'_> {
 
     fn run(&mut self, item: Item) -> Result<(), Error> {
         let len = usize::try_from(item.end - item.host).map_err(|_| unsupported("a huge read"))?;
+        self.released.check(item.host, item.end)?;
         if item.kind == Kind::Compressed {
             let mut input = self.pool.buffer();
             input.resize(len, 0);
             read_into(self.src, self.grow, item.host, &mut input)?;
+            // The descriptor counts whole sectors: the last one may hold the next compressed
+            // cluster's first bytes, and is kept.
+            let kept = item.end.saturating_sub(512);
+            self.released
+                .release(self.src, self.grow, item.host, kept)?;
             let cs = self.h.cluster_size();
             let out_len = cs.min(self.h.virtual_size - item.guest) as usize;
             self.pool.submit(self.out, input, item.guest, out_len)?;
@@ -355,6 +393,8 @@ impl Converter<'_> {
                 if item.kind == Kind::L2 {
                     self.l2(&buf, item.guest)
                 } else {
+                    self.released
+                        .release(self.src, self.grow, item.host, item.end)?;
                     self.out.write(&buf, item.guest).map_err(Error::from)
                 }
             });
