@@ -302,6 +302,8 @@ fn a_conversion_child_dies_with_a_killed_imgcache() {
         .fetch(&srv.url)
         .arg("img")
         .env("IMGCACHE_QEMU_IMG", &wrapper)
+        // qemu-img converts after the download (the native converter has no child).
+        .env("IMGCACHE_CONVERTER", "qemu-img")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -588,6 +590,7 @@ fn a_symlink_swapped_in_while_qemu_img_converts_is_not_written_through_nor_kept(
         .fetch(&srv.url)
         .arg("img")
         .env("IMGCACHE_QEMU_IMG", &wrapper)
+        .env("IMGCACHE_CONVERTER", "qemu-img")
         .env("SWAP_AT", &converted)
         .env("SWAP_TO", &outside));
     r.assert_code(15);
@@ -657,28 +660,34 @@ fn a_kernel_id_pointing_at_a_qcow2_disk_image_does_not_poison_its_entry() {
 fn a_conversion_that_would_eat_the_reserve_is_stopped() {
     // 48 MiB of one repeated byte compresses to a tiny qcow2: the estimate (twice the
     // download) passes, the output does not fit above a 24 MiB reserve on a 64 MiB filesystem.
+    // Both converters: the native one during the download, and qemu-img after it.
     let work = tempfile::tempdir().unwrap();
     let qcow = crate::support::compressed_qcow2(work.path(), "big", 0x5a, 48 << 20);
     let mut image = Image::raw("big", std::fs::read(&qcow).unwrap());
     image.disk_format = "qcow2".into();
     let srv = FaultServer::start(image);
-    let fs = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(fs.path())
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs (needs root)");
-    let r = run(imgcache()
-        .arg("fetch")
-        .arg("--instances-path")
-        .arg(fs.path())
-        .args(["--glance-url", &srv.url, "--min-free", "24M", "big"]));
-    let files = Cache::files_in(&fs.path().join("_base"));
-    let _ = std::process::Command::new("umount").arg(fs.path()).status();
-    r.assert_code(9);
-    assert!(r.stderr.contains("--min-free"), "{}", r.stderr);
-    assert!(files.is_empty(), "{files:?}");
+    for converter in ["native", "qemu-img"] {
+        let fs = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(fs.path())
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount tmpfs (needs root)");
+        let r = run(imgcache()
+            .arg("fetch")
+            .arg("--instances-path")
+            .arg(fs.path())
+            .env("IMGCACHE_CONVERTER", converter)
+            .args(["--glance-url", &srv.url, "--min-free", "24M", "big"]));
+        let files = Cache::files_in(&fs.path().join("_base"));
+        let _ = std::process::Command::new("umount").arg(fs.path()).status();
+        r.assert_code(9);
+        assert!(r.stderr.contains("--min-free"), "{converter}: {}", r.stderr);
+        assert!(files.is_empty(), "{converter}: {files:?}");
+    }
+    // One download each: the native converter's stop is final, not a reason to download again.
+    assert_eq!(srv.file_requests().len(), 2);
 }
 
 #[test]

@@ -66,6 +66,8 @@ pub enum Error {
         "image {id}: the conversion during the download stopped after it had given downloaded bytes back ({why}); downloading again"
     )]
     Redownload { id: String, why: String },
+    #[error("image {id}: the conversion to raw during the download was stopped: {why}")]
+    ConversionStopped { id: String, why: String },
     #[error(
         "image {id} is no longer the cached one: the entry has {algo} {cached}, Glance now says {now} (an id purged and reused?); when no instance uses it, replace it with `imgcache fetch --replace {id}`"
     )]
@@ -117,7 +119,7 @@ impl Error {
             | Error::Hash { .. }
             | Error::ConvertedSize { .. } => Kind::Integrity,
             Error::NoHash { .. } | Error::UnsupportedHash { .. } => Kind::Integrity,
-            Error::NoSpace { .. } => Kind::NoSpace,
+            Error::NoSpace { .. } | Error::ConversionStopped { .. } => Kind::NoSpace,
         }
     }
 }

@@ -138,7 +138,13 @@ impl Build<'_> {
             Ok(made) => made,
             Err(Failed {
                 why,
+                no_space: true,
+                ..
+            }) => return Err(Error::ConversionStopped { id: id.into(), why }.into()),
+            Err(Failed {
+                why,
                 released: true,
+                ..
             }) => return Err(Error::Redownload { id: id.into(), why }.into()),
             Err(Failed { why, .. }) => {
                 self.rep

@@ -121,13 +121,31 @@ pub(super) struct Streamed {
 pub(super) struct Failed {
     pub why: String,
     pub released: bool,
+    /// The free space fell to the `--min-free` reserve: the fetch fails as a conversion by
+    /// qemu-img would.
+    pub no_space: bool,
+}
+
+/// Why the thread stopped.
+struct Stop {
+    why: String,
+    no_space: bool,
+}
+
+impl From<String> for Stop {
+    fn from(why: String) -> Stop {
+        Stop {
+            why,
+            no_space: false,
+        }
+    }
 }
 
 /// The converting thread of one download.
 pub(super) struct Stream {
     mark: Arc<Watermark>,
     released: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<Result<Streamed, String>>>,
+    handle: Option<thread::JoinHandle<Result<Streamed, Stop>>>,
 }
 
 /// The `.part` as the converter sees it: growing with the download, and giving converted bytes
@@ -241,13 +259,17 @@ impl Stream {
     /// conversion did not happen here; nothing of it is left then.
     pub fn finish(mut self) -> Result<Streamed, Failed> {
         let handle = self.handle.take();
-        let result = handle.map_or(Err("not started".into()), |h| {
+        let result = handle.map_or(Err(Stop::from("not started".to_owned())), |h| {
             h.join()
-                .unwrap_or_else(|_| Err("the converting thread failed".into()))
+                .unwrap_or_else(|_| Err(Stop::from("the converting thread failed".to_owned())))
         });
         // Bytes given back before the download started over went with the old `.part`.
         let released = self.released() && !self.mark.lock().restarted;
-        result.map_err(|why| Failed { why, released })
+        result.map_err(|stop| Failed {
+            why: stop.why,
+            released,
+            no_space: stop.no_space,
+        })
     }
 }
 
@@ -263,7 +285,7 @@ impl Drop for Stream {
 }
 
 impl Job {
-    fn run(self, part: &File, mark: &Watermark, released: &AtomicBool) -> Result<Streamed, String> {
+    fn run(self, part: &File, mark: &Watermark, released: &AtomicBool) -> Result<Streamed, Stop> {
         let started = Instant::now();
         let header = self.verdict(part, mark)?;
         let virtual_size = header.virtual_size;
@@ -277,7 +299,9 @@ impl Job {
         .map_err(|e| format!("{e:#}"))?;
         let out = fsutil::create_new(&self.dst)
             .map_err(|e| format!("cannot create {}: {e}", self.dst.display()))?;
-        let watch = space_watch(&self.base_dir, reserve);
+        let space = space_watch(&self.base_dir, reserve);
+        let ran_out = AtomicBool::new(false);
+        let watch = || space().inspect(|_| ran_out.store(true, Ordering::SeqCst));
         let converted = out
             .set_len(virtual_size)
             .map_err(qcow2_read::Error::from)
@@ -309,7 +333,10 @@ impl Job {
             Err(e) => {
                 drop(out);
                 let _ = fsutil::remove_own(&self.dst);
-                Err(e.to_string())
+                Err(Stop {
+                    why: e.to_string(),
+                    no_space: ran_out.load(Ordering::SeqCst),
+                })
             }
         }
     }

@@ -38,7 +38,7 @@ pub const MAX_PENDING: usize = 1 << 19;
 /// The largest L1 table read (qemu allows 32 MiB; 4 MiB covers 256 TiB at 64 KiB clusters).
 const MAX_L1_BYTES: u64 = 4 << 20;
 /// How often (bytes written) the caller's stop check runs.
-const CHECK_EVERY: u64 = 64 << 20;
+const CHECK_EVERY: u64 = 4 << 20;
 
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -222,17 +222,17 @@ enum Kind {
 }
 
 /// Converts the qcow2 file `src` (as far as `grow` says it is written) to raw in `out`, which
-/// must be empty and sized to the virtual size. `stop` is asked every 64 MiB written whether to
-/// stop (e.g. the free space ran low).
+/// must be empty and sized to the virtual size. `stop` is asked every 4 MiB written (by whichever
+/// thread writes) and once at the end whether to stop (e.g. the free space ran low).
 pub fn convert(
     src: &File,
     grow: &dyn Growing,
     out: &File,
-    stop: &dyn Fn() -> Option<String>,
+    stop: &(dyn Fn() -> Option<String> + Sync),
 ) -> Result<Done, Error> {
     let head = read_exact(src, grow, 0, 112)?;
     let h = Header::parse(&head)?;
-    let output = Output::new(out);
+    let output = Output::new(out, stop, CHECK_EVERY);
     let cluster_size =
         usize::try_from(h.cluster_size()).map_err(|_| unsupported("cluster size"))?;
     let result: Result<u64, Error> = pool::with_pool(&output, h.zstd, cluster_size, |pool| {
@@ -241,10 +241,8 @@ pub fn convert(
             grow,
             out: &output,
             pool,
-            stop,
             h: h.clone(),
             queue: BinaryHeap::new(),
-            next_check: CHECK_EVERY,
             buf: Vec::new(),
             released: Released::new(grow.releasable()),
         };
@@ -260,6 +258,10 @@ pub fn convert(
         return Err(e);
     }
     let released = result?;
+    // The file at its full size: the last word on the free space.
+    if let Some(why) = stop() {
+        return Err(Error::Stopped(why));
+    }
     let (clusters, compressed) = output.counts();
     Ok(Done {
         virtual_size: h.virtual_size,
@@ -305,11 +307,8 @@ struct Converter<'a> {
     grow: &'a dyn Growing,
     out: &'a Output<'a>,
     pool: &'a Pool,
-    stop: &'a dyn Fn() -> Option<String>,
     h: Header,
     queue: BinaryHeap<Reverse<Item>>,
-    /// When (bytes written) to ask `stop` next.
-    next_check: u64,
     /// Read buffer for tables and plain clusters.
     buf: Vec<u8>,
     /// What was given back of the source.
@@ -395,17 +394,11 @@ impl Converter<'_> {
                 } else {
                     self.released
                         .release(self.src, self.grow, item.host, item.end)?;
-                    self.out.write(&buf, item.guest).map_err(Error::from)
+                    self.out.write(&buf, item.guest)
                 }
             });
             self.buf = buf;
             result?;
-        }
-        if self.out.written() >= self.next_check {
-            self.next_check = self.out.written() + CHECK_EVERY;
-            if let Some(why) = (self.stop)() {
-                return Err(Error::Stopped(why));
-            }
         }
         Ok(())
     }

@@ -25,6 +25,9 @@ const QUEUED: u64 = 8 << 20;
 /// The output file and what was written to it, shared by the converter and its threads.
 pub struct Output<'a> {
     file: &'a File,
+    stop: &'a (dyn Fn() -> Option<String> + Sync),
+    check_every: u64,
+    next_check: AtomicU64,
     written: AtomicU64,
     kicked: AtomicU64,
     clusters: AtomicU64,
@@ -33,20 +36,23 @@ pub struct Output<'a> {
 }
 
 impl<'a> Output<'a> {
-    pub fn new(file: &'a File) -> Output<'a> {
+    /// `stop` is asked every `check_every` bytes written whether to stop.
+    pub fn new(
+        file: &'a File,
+        stop: &'a (dyn Fn() -> Option<String> + Sync),
+        check_every: u64,
+    ) -> Output<'a> {
         Output {
             file,
+            stop,
+            check_every,
+            next_check: AtomicU64::new(check_every),
             written: AtomicU64::new(0),
             kicked: AtomicU64::new(0),
             clusters: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
             failed: Mutex::new(None),
         }
-    }
-
-    /// Bytes of guest data handled so far (holes included).
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
     }
 
     /// Data clusters written, and how many of them were compressed.
@@ -76,7 +82,7 @@ impl<'a> Output<'a> {
 
     /// Writes a cluster's bytes at `guest`, leaving all-zero blocks as holes (the output is new
     /// and sized, so they read as zeros).
-    pub fn write(&self, data: &[u8], guest: u64) -> std::io::Result<()> {
+    pub fn write(&self, data: &[u8], guest: u64) -> Result<(), Error> {
         let mut at = 0;
         while at < data.len() {
             // The next run of non-zero blocks, written in one call.
@@ -109,6 +115,21 @@ impl<'a> Output<'a> {
             unsafe {
                 libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
             };
+        }
+        let next = self.next_check.load(Ordering::Relaxed);
+        if total >= next
+            && self
+                .next_check
+                .compare_exchange(
+                    next,
+                    total + self.check_every,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            && let Some(why) = (self.stop)()
+        {
+            return Err(Error::Stopped(why));
         }
         Ok(())
     }
@@ -207,7 +228,7 @@ fn work(
                     job.guest
                 )));
             } else if let Err(e) = out.write(&cluster[..job.len], job.guest) {
-                out.fail(e.into());
+                out.fail(e);
             } else {
                 out.compressed.fetch_add(1, Ordering::Relaxed);
             }
