@@ -7,22 +7,8 @@ use std::path::Path;
 
 use crate::support::fault_server::{Action, FaultServer, Image};
 use crate::support::glance::real;
+use crate::support::qcow2::{alias_cluster, done_record, qcow2_of};
 use crate::support::{Cache, qcow2_to_raw, qemu_img, run, test_bytes};
-
-/// A qcow2 of `raw` made with `qemu-img convert -o OPTS [-c]`.
-fn qcow2_of(dir: &Path, name: &str, raw: &[u8], opts: &str, compress: bool) -> std::path::PathBuf {
-    let src = dir.join(format!("{name}.raw"));
-    std::fs::write(&src, raw).unwrap();
-    let dst = dir.join(format!("{name}.qcow2"));
-    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
-    if compress {
-        args.push("-c");
-    }
-    args.push(src.to_str().unwrap());
-    args.push(dst.to_str().unwrap());
-    qemu_img(&args);
-    dst
-}
 
 /// Half data, half zeros: compressible, with holes in the result.
 fn image_bytes(seed: u64) -> Vec<u8> {
@@ -149,31 +135,6 @@ fn a_cut_download_resumes_into_the_same_conversion_and_a_restart_falls_back() {
     );
 }
 
-/// Makes the L2 entry after the first allocated one at or past `from` (in the first L2 table)
-/// name the same host cluster.
-fn alias_cluster(qcow: &Path, from: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(qcow)
-        .unwrap();
-    let mut h = [0u8; 48];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, l1).unwrap();
-    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
-    for j in from..8192 {
-        f.read_exact_at(&mut e, l2 + j * 8).unwrap();
-        if u64::from_be_bytes(e) != 0 {
-            f.write_all_at(&e, l2 + (j + 1) * 8).unwrap();
-            return;
-        }
-    }
-    panic!("no allocated cluster past {from}");
-}
-
 #[test]
 fn a_cluster_needed_again_after_it_was_given_back_makes_the_fetch_download_again() {
     let tmp = tempfile::tempdir().unwrap();
@@ -220,23 +181,6 @@ fn a_header_the_inspector_refuses_fails_the_fetch_with_no_temp_left() {
     r.assert_code(5);
     assert!(r.stderr.contains("backing file"), "{}", r.stderr);
     cache.assert_clean_or_complete(None);
-}
-
-/// The `user.imgcache.done` record of a `.part`, if it has one.
-fn done_record(part: &Path) -> Option<String> {
-    let path = std::ffi::CString::new(part.to_str()?).ok()?;
-    let mut buf = [0u8; 32];
-    // SAFETY: NUL-terminated path and name; the buffer is ours, of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            c"user.imgcache.done".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 #[test]

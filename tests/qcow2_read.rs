@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use imgcache::qcow2_read::{self, Complete, Error, Growing};
 
+use crate::support::qcow2::{alias_cluster, move_first_l2_to_end, to_qcow2};
 use crate::support::{Rng, qemu_img, test_bytes};
 
 /// A raw source image: random data with zero stretches and an unaligned tail.
@@ -29,16 +30,6 @@ fn source(dir: &Path, len: usize, seed: u64) -> PathBuf {
     let p = dir.join(format!("src-{seed}.raw"));
     std::fs::write(&p, data).unwrap();
     p
-}
-
-fn to_qcow2(src: &Path, dst: &Path, opts: &str, compress: bool) {
-    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
-    if compress {
-        args.push("-c");
-    }
-    args.push(src.to_str().unwrap());
-    args.push(dst.to_str().unwrap());
-    qemu_img(&args);
 }
 
 /// qemu-img's raw image of `qcow`, or None if qemu-img refuses the file.
@@ -185,32 +176,6 @@ fn clusters_written_in_random_order_with_zero_flags_convert_identically() {
     }
 }
 
-/// The L1 entry `index` of `qcow` now names a copy of its L2 table appended at the end of the
-/// file (after every data cluster); the old table stays behind as garbage.
-fn move_l2_to_end(qcow: &Path, index: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(qcow)
-        .unwrap();
-    let mut h = [0u8; 48];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let cs = 1u64 << u32::from_be_bytes(h[20..24].try_into().unwrap());
-    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, l1 + index * 8).unwrap();
-    let entry = u64::from_be_bytes(e);
-    let old = entry & 0x00ff_ffff_ffff_fe00;
-    assert_ne!(old, 0, "L1 entry {index} has a table");
-    let mut table = vec![0u8; cs as usize];
-    f.read_exact_at(&mut table, old).unwrap();
-    let new = f.metadata().unwrap().len().div_ceil(cs) * cs;
-    f.write_all_at(&table, new).unwrap();
-    let moved = (entry & !0x00ff_ffff_ffff_fe00) | new;
-    f.write_all_at(&moved.to_be_bytes(), l1 + index * 8)
-        .unwrap();
-}
-
 #[test]
 fn an_l2_table_after_its_data_and_a_truncated_file_are_handled() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,7 +184,7 @@ fn an_l2_table_after_its_data_and_a_truncated_file_are_handled() {
         let q = dir.path().join(format!("{name}.qcow2"));
         to_qcow2(&src, &q, &format!("compat=1.1,cluster_size={cs}"), compress);
         // 4 KiB clusters: an L2 table covers 2 MiB, so the image has two.
-        move_l2_to_end(&q, 0);
+        move_first_l2_to_end(&q);
         assert_identical_or_unsupported(&q, true);
     }
     let q = dir.path().join("cut.qcow2");
@@ -251,30 +216,6 @@ impl Growing for Releasing {
 
 fn allocated(p: &Path) -> u64 {
     std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap()) * 512
-}
-
-/// Makes the L2 entry after the first allocated one at or past `from` (in the first L2 table)
-/// name the same host cluster.
-fn alias_cluster(qcow: &Path, from: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(qcow)
-        .unwrap();
-    let mut h = [0u8; 48];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, l1).unwrap();
-    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
-    for j in from..8192 {
-        f.read_exact_at(&mut e, l2 + j * 8).unwrap();
-        if u64::from_be_bytes(e) != 0 {
-            f.write_all_at(&e, l2 + (j + 1) * 8).unwrap();
-            return;
-        }
-    }
-    panic!("no allocated cluster past {from}");
 }
 
 #[test]

@@ -126,21 +126,7 @@ fn one_connection_is_one_request() {
 
 /// The complete prefix a parallel download recorded on its `.part`.
 fn recorded_prefix(part: &std::path::Path) -> Option<u64> {
-    let path = std::ffi::CString::new(part.as_os_str().as_encoded_bytes()).ok()?;
-    let mut buf = [0u8; 24];
-    // SAFETY: NUL-terminated strings and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            c"user.imgcache.done".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    std::str::from_utf8(buf.get(..usize::try_from(n).ok()?)?)
-        .ok()?
-        .parse()
-        .ok()
+    crate::support::qcow2::done_record(part)?.parse().ok()
 }
 
 #[test]

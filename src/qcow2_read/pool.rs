@@ -19,8 +19,9 @@ const ZERO_BLOCK: usize = 4096;
 const WINDOW: u64 = 16 << 20;
 /// Decompressing threads at most.
 pub const MAX_WORKERS: usize = 4;
-/// Compressed clusters queued for the decompressing threads, in bytes of output.
-const QUEUED: u64 = 8 << 20;
+/// Compressed clusters queued for the decompressing threads, in bytes of output (each holds
+/// its compressed bytes: the queue is most of the converter's memory).
+const QUEUED: u64 = 2 << 20;
 
 /// The output file and what was written to it, shared by the converter and its threads.
 pub struct Output<'a> {
@@ -211,18 +212,14 @@ fn work(
     cluster_size: usize,
 ) {
     let mut cluster = vec![0u8; cluster_size];
+    let mut decoder = Decoder::new(zstd);
     loop {
         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
         if !out.has_failed() {
-            let ok = if zstd {
-                zstd_cluster(&job.input, &mut cluster)
-            } else {
-                zlib_cluster(&job.input, &mut cluster)
-            };
-            if !ok {
+            if !decoder.cluster(&job.input, &mut cluster) {
                 out.fail(Error::Unsupported(format!(
                     "guest cluster at {:#x}: compressed data that does not decompress to a whole cluster",
                     job.guest
@@ -237,10 +234,43 @@ fn work(
     }
 }
 
+/// A thread's decompressor, reused from cluster to cluster.
+enum Decoder {
+    Zlib(flate2::Decompress),
+    Zstd(Option<zstd::stream::raw::Decoder<'static>>),
+}
+
+impl Decoder {
+    fn new(zstd: bool) -> Decoder {
+        if zstd {
+            Decoder::Zstd(zstd::stream::raw::Decoder::new().ok())
+        } else {
+            Decoder::Zlib(flate2::Decompress::new(false))
+        }
+    }
+
+    fn cluster(&mut self, input: &[u8], out: &mut [u8]) -> bool {
+        match self {
+            Decoder::Zlib(d) => {
+                d.reset(false);
+                inflate(d, input, out)
+            }
+            Decoder::Zstd(Some(d)) => {
+                zstd::stream::raw::Operation::reinit(d).is_ok() && unzstd(d, input, out)
+            }
+            Decoder::Zstd(None) => false,
+        }
+    }
+}
+
 /// Raw deflate (qcow2 writes it with window bits -12; a larger window reads it too), qemu's
 /// rule: the stream must fill the whole cluster; bytes after it are ignored.
+#[cfg(test)]
 pub fn zlib_cluster(input: &[u8], out: &mut [u8]) -> bool {
-    let mut d = flate2::Decompress::new(false);
+    inflate(&mut flate2::Decompress::new(false), input, out)
+}
+
+fn inflate(d: &mut flate2::Decompress, input: &[u8], out: &mut [u8]) -> bool {
     match d.decompress(input, out, flate2::FlushDecompress::Finish) {
         Ok(flate2::Status::StreamEnd) | Ok(flate2::Status::BufError) | Ok(flate2::Status::Ok) => {
             d.total_out() == out.len() as u64
@@ -250,15 +280,17 @@ pub fn zlib_cluster(input: &[u8], out: &mut [u8]) -> bool {
 }
 
 /// One zstd frame, streamed until the cluster is full (qemu stops there too).
+#[cfg(test)]
 pub fn zstd_cluster(input: &[u8], out: &mut [u8]) -> bool {
-    let Ok(mut d) = zstd::stream::raw::Decoder::new() else {
-        return false;
-    };
+    zstd::stream::raw::Decoder::new().is_ok_and(|mut d| unzstd(&mut d, input, out))
+}
+
+fn unzstd(d: &mut zstd::stream::raw::Decoder<'_>, input: &[u8], out: &mut [u8]) -> bool {
     let mut inb = zstd::stream::raw::InBuffer::around(input);
     let mut outb = zstd::stream::raw::OutBuffer::around(out);
     loop {
         let before = (inb.pos(), outb.pos());
-        if zstd::stream::raw::Operation::run(&mut d, &mut inb, &mut outb).is_err() {
+        if zstd::stream::raw::Operation::run(d, &mut inb, &mut outb).is_err() {
             return false;
         }
         if outb.pos() == outb.capacity() {

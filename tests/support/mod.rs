@@ -4,6 +4,7 @@ pub mod fault_server;
 pub mod glance;
 pub mod nova;
 pub mod proxy;
+pub mod qcow2;
 pub mod service;
 
 use std::path::{Path, PathBuf};
