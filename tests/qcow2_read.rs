@@ -75,6 +75,11 @@ fn convert_with(src: &File, grow: &dyn Growing, qcow: &Path) -> Result<Vec<u8>, 
     std::fs::remove_file(&out_path).unwrap();
     done.map(|d| {
         assert_eq!(d.virtual_size, virtual_size);
+        if let Some(content) = &d.content {
+            let mut h = imgcache::digest::ContentHasher::new();
+            h.update(&data);
+            assert_eq!(content, &h.finish(), "the in-order digest is the content's");
+        }
         data
     })
 }

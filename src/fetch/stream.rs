@@ -317,7 +317,10 @@ impl Job {
         // The content digest and the data's way to the disk, here: the fetch's own thread is
         // meanwhile inspecting the complete `.part`.
         let finished = converted.and_then(|done| {
-            let content = crate::digest::of_file(&out)?;
+            let content = match &done.content {
+                Some(c) => c.clone(),
+                None => crate::digest::of_file(&out)?,
+            };
             out.sync_data()?;
             Ok((done, content))
         });

@@ -117,6 +117,9 @@ pub struct Done {
     pub compressed: u64,
     /// Bytes of the source given back to the filesystem.
     pub released: u64,
+    /// The raw image's content digest (`crate::digest`), when every cluster was written in
+    /// guest order; `None`: digest the output file.
+    pub content: Option<String>,
 }
 
 /// The header fields the conversion needs.
@@ -269,6 +272,7 @@ pub fn convert(
         clusters,
         compressed,
         released,
+        content: output.content_digest(h.virtual_size),
     })
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Mutex, mpsc};
 use std::thread;
 
 use super::Error;
+use crate::digest::ContentHasher;
 
 /// Holes are left for all-zero blocks of this size.
 const ZERO_BLOCK: usize = 4096;
@@ -34,6 +35,8 @@ pub struct Output<'a> {
     clusters: AtomicU64,
     compressed: AtomicU64,
     failed: Mutex<Option<Error>>,
+    /// The content digest, while clusters arrive in guest order (`None` once one does not).
+    digest: Mutex<Option<InOrder>>,
 }
 
 impl<'a> Output<'a> {
@@ -53,6 +56,10 @@ impl<'a> Output<'a> {
             clusters: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
             failed: Mutex::new(None),
+            digest: Mutex::new(Some(InOrder {
+                hasher: ContentHasher::new(),
+                next: 0,
+            })),
         }
     }
 
@@ -100,6 +107,7 @@ impl<'a> Output<'a> {
                     .write_all_at(&data[start..end], guest + start as u64)?;
             }
         }
+        self.digest_in_order(data, guest);
         self.clusters.fetch_add(1, Ordering::Relaxed);
         let total =
             self.written.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
@@ -134,6 +142,38 @@ impl<'a> Output<'a> {
         }
         Ok(())
     }
+}
+
+impl Output<'_> {
+    /// Feeds the digest while the clusters come in guest order (holes between them as zeros);
+    /// the first one out of order ends it, and the caller digests the file instead.
+    fn digest_in_order(&self, data: &[u8], guest: u64) {
+        let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(order) = d.as_mut() else {
+            return;
+        };
+        if guest < order.next {
+            *d = None;
+            return;
+        }
+        order.hasher.zeros(guest - order.next);
+        order.hasher.update(data);
+        order.next = guest + data.len() as u64;
+    }
+
+    /// The content digest of an image of `virtual_size` bytes, if every cluster came in order.
+    pub fn content_digest(&self, virtual_size: u64) -> Option<String> {
+        let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut order = d.take()?;
+        order.hasher.zeros(virtual_size.checked_sub(order.next)?);
+        Some(order.hasher.finish())
+    }
+}
+
+/// The digest of what was written so far, and where the next cluster must start.
+struct InOrder {
+    hasher: ContentHasher,
+    next: u64,
 }
 
 fn is_zero(b: &[u8]) -> bool {
