@@ -161,6 +161,15 @@ impl Output<'_> {
         order.next = guest + data.len() as u64;
     }
 
+    /// Ends the in-order digest: the decompressing threads finish clusters in any order.
+    fn end_digest(&self) -> &Self {
+        let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+        if d.is_some() {
+            *d = None;
+        }
+        self
+    }
+
     /// The content digest of an image of `virtual_size` bytes, if every cluster came in order.
     pub fn content_digest(&self, virtual_size: u64) -> Option<String> {
         let mut d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
@@ -264,7 +273,7 @@ fn work(
                     "guest cluster at {:#x}: compressed data that does not decompress to a whole cluster",
                     job.guest
                 )));
-            } else if let Err(e) = out.write(&cluster[..job.len], job.guest) {
+            } else if let Err(e) = out.end_digest().write(&cluster[..job.len], job.guest) {
                 out.fail(e);
             } else {
                 out.compressed.fetch_add(1, Ordering::Relaxed);
