@@ -23,7 +23,7 @@ use super::download::{Download, Fill, RateGuard, fill, read_failure};
 use super::hash::{CHUNK, HashThread, ToHasher};
 use super::prefix::{clear_prefix, record_prefix};
 use super::retry;
-use super::sink;
+use crate::fsutil;
 use crate::glance::{self, Data};
 
 /// Images with at least this much left to download go parallel.
@@ -313,7 +313,7 @@ impl Job<'_> {
                 }
                 .into());
             }
-            sink::write_at(self.file, &buf[..n], *pos)
+            fsutil::write_sparse_at(self.file, &buf[..n], *pos)
                 .with_context(|| format!("cannot write {}", self.part.display()))?;
             *pos += n as u64;
             match how {

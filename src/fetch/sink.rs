@@ -8,9 +8,8 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 
-/// The filesystem block (ext4, XFS): an all-zero block of the stream, aligned to the stream's
-/// offset, is seeked over instead of written.
-const BLOCK: u64 = 4096;
+use crate::fsutil::{BLOCK, is_zero_block as is_zero};
+
 /// Writeback is started for every 16 MiB written, and waited for one window later.
 const WINDOW: u64 = 16 << 20;
 
@@ -109,34 +108,6 @@ impl Sink {
     }
 }
 
-/// Writes `buf`, the stream's bytes at `pos`, with positional writes (the cursor is not used,
-/// so several threads can share the descriptor), leaving its all-zero blocks unwritten: the
-/// range must hold nothing yet, so they read as the zeros they stand for.
-pub fn write_at(file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    // Runs of data blocks are one write.
-    let mut run: Option<usize> = None;
-    let mut i = 0;
-    while i < buf.len() {
-        let at = pos + i as u64;
-        let end = (i + (BLOCK - at % BLOCK) as usize).min(buf.len());
-        let zero = is_zero(&buf[i..end]);
-        match (run, zero) {
-            (None, false) => run = Some(i),
-            (Some(from), true) => {
-                file.write_all_at(&buf[from..i], pos + from as u64)?;
-                run = None;
-            }
-            _ => {}
-        }
-        i = end;
-    }
-    if let Some(from) = run {
-        file.write_all_at(&buf[from..], pos + from as u64)?;
-    }
-    Ok(())
-}
-
 /// Writes `bytes` at the cursor, or moves the cursor over them when they are zeros.
 fn put(file: &mut File, bytes: &[u8], zero: bool) -> io::Result<()> {
     if bytes.is_empty() {
@@ -148,14 +119,6 @@ fn put(file: &mut File, bytes: &[u8], zero: bool) -> io::Result<()> {
     } else {
         file.write_all(bytes)
     }
-}
-
-static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
-
-/// True if every byte of `b` (at most a block) is zero: one `memcmp` against zeros, which
-/// stops at the first data byte and runs at memory speed in every build.
-fn is_zero(b: &[u8]) -> bool {
-    ZEROS.get(..b.len()).is_some_and(|z| z == b)
 }
 
 #[cfg(test)]
@@ -206,32 +169,5 @@ mod tests {
         let (f, all) = stream(&[&data[..7], &data[7..]], 0);
         assert_eq!(read_all(&f), all);
         assert!(f.metadata().unwrap().blocks() * 512 >= 40 << 20);
-    }
-
-    #[test]
-    fn positional_writes_in_any_order_leave_zero_blocks_as_holes() {
-        let mut data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
-        data[(1 << 20)..(2 << 20) + 100].fill(0);
-        let f = tempfile::tempfile().unwrap();
-        f.set_len(data.len() as u64).unwrap();
-        // Unaligned pieces, last first.
-        let cuts = [0usize, 5000, (1 << 20) + 17, (2 << 20) + 4099, data.len()];
-        for w in cuts.windows(2).rev() {
-            write_at(&f, &data[w[0]..w[1]], w[0] as u64).unwrap();
-        }
-        assert_eq!(read_all(&f), data);
-        assert!(f.metadata().unwrap().blocks() * 512 <= (2 << 20) + (64 << 10));
-    }
-
-    #[test]
-    fn is_zero_sees_a_single_byte_anywhere() {
-        let mut b = vec![0u8; 4096];
-        assert!(is_zero(&b));
-        for at in [0, 63, 64, 4095] {
-            b[at] = 1;
-            assert!(!is_zero(&b), "{at}");
-            b[at] = 0;
-        }
-        assert!(is_zero(&[]));
     }
 }

@@ -61,30 +61,27 @@ impl Watermark {
         self.cv.notify_all();
     }
 
-    /// The download is complete: what is written is the whole file.
-    pub fn complete(&self) {
-        let mut m = self.lock();
-        m.end.get_or_insert(Ok(()));
-        self.cv.notify_all();
-    }
-
     /// The download is about to start the `.part` over (truncate it). Once this returns, no
     /// bytes of the `.part` are given back any more (see `Follow::punch`).
     pub fn restart(&self) {
-        let mut m = self.lock();
-        m.restarted = true;
-        if m.end.is_none() {
-            m.end = Some(Err("the download started over".into()));
-        }
-        self.cv.notify_all();
+        self.end(Err("the download started over".into()), true);
     }
 
     /// The file will not grow on from here as one stream (the download failed).
     pub fn stop(&self, why: &str) {
+        self.end(Err(why.to_owned()), false);
+    }
+
+    /// The download is complete: what is written is the whole file.
+    pub fn complete(&self) {
+        self.end(Ok(()), false);
+    }
+
+    /// The first end wins; waiters wake.
+    fn end(&self, end: Result<(), String>, restarted: bool) {
         let mut m = self.lock();
-        if m.end.is_none() {
-            m.end = Some(Err(why.to_owned()));
-        }
+        m.restarted |= restarted;
+        m.end.get_or_insert(end);
         self.cv.notify_all();
     }
 }

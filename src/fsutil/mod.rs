@@ -7,8 +7,10 @@
 //! the inode that landed, fsync the directory).
 
 mod at;
+mod sparse;
 
 pub use at::trust_root;
+pub use sparse::{BLOCK, is_zero_block, write_sparse_at};
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};

@@ -6,16 +6,14 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::thread;
 
 use super::Error;
 use crate::digest::ContentHasher;
+use crate::fsutil;
 
-/// Holes are left for all-zero blocks of this size.
-const ZERO_BLOCK: usize = 4096;
 /// Writeback of the output is started every this many bytes written.
 const WINDOW: u64 = 16 << 20;
 /// Decompressing threads at most.
@@ -89,24 +87,9 @@ impl<'a> Output<'a> {
     }
 
     /// Writes a cluster's bytes at `guest`, leaving all-zero blocks as holes (the output is new
-    /// and sized, so they read as zeros).
+    /// and sized, so they read as zeros; see `fsutil::write_sparse_at`).
     pub fn write(&self, data: &[u8], guest: u64) -> Result<(), Error> {
-        let mut at = 0;
-        while at < data.len() {
-            // The next run of non-zero blocks, written in one call.
-            while at < data.len() && is_zero(&data[at..(at + ZERO_BLOCK).min(data.len())]) {
-                at += ZERO_BLOCK;
-            }
-            let start = at;
-            while at < data.len() && !is_zero(&data[at..(at + ZERO_BLOCK).min(data.len())]) {
-                at += ZERO_BLOCK;
-            }
-            let end = at.min(data.len());
-            if end > start {
-                self.file
-                    .write_all_at(&data[start..end], guest + start as u64)?;
-            }
-        }
+        fsutil::write_sparse_at(self.file, data, guest)?;
         self.digest_in_order(data, guest);
         self.clusters.fetch_add(1, Ordering::Relaxed);
         let total =
@@ -183,10 +166,6 @@ impl Output<'_> {
 struct InOrder {
     hasher: ContentHasher,
     next: u64,
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
 }
 
 /// One compressed cluster: its bytes, where it goes, how many bytes of it are the image's.

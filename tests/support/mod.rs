@@ -320,15 +320,7 @@ pub fn make_qcow2(dir: &Path, name: &str, raw: &[u8]) -> (PathBuf, PathBuf) {
 
 /// `qemu-img convert -f raw -O qcow2 SRC DST`.
 pub fn raw_to_qcow2(src: &Path, dst: &Path) {
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        src.to_str().expect("utf8"),
-        dst.to_str().expect("utf8"),
-    ]);
+    qcow2::to_qcow2(src, dst, "", false);
 }
 
 /// `qemu-img convert -f qcow2 -O raw src dst`: what a converted entry must equal.
@@ -350,16 +342,7 @@ pub fn compressed_qcow2(dir: &Path, name: &str, byte: u8, len: usize) -> PathBuf
     let raw = dir.join(format!("{name}.raw"));
     std::fs::write(&raw, vec![byte; len]).expect("write raw");
     let qcow = dir.join(format!("{name}.qcow2"));
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().expect("utf8"),
-        qcow.to_str().expect("utf8"),
-    ]);
+    qcow2::to_qcow2(&raw, &qcow, "", true);
     qcow
 }
 

@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 
 use super::qemu_img;
 
-/// `qemu-img convert -f raw -O qcow2 -o OPTS [-c] SRC DST`.
+/// `qemu-img convert -f raw -O qcow2 [-o OPTS] [-c] SRC DST` (no `-o` for empty OPTS).
 pub fn to_qcow2(src: &Path, dst: &Path, opts: &str, compress: bool) {
-    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
+    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
     if compress {
         args.push("-c");
     }
