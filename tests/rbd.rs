@@ -288,3 +288,101 @@ fn direct_clone_from_a_glance_rbd_location_in_the_same_cluster() {
         format!("imgcache-{}", entry_name("other-cluster"))
     );
 }
+
+/// The fields of `rbd info` that say what a clone is (not its id, name or time).
+fn clone_facts(c: &Ceph, disk: &str) -> serde_json::Value {
+    let mut info = c.json(&["info", disk]);
+    let o = info.as_object_mut().unwrap();
+    for k in [
+        "name",
+        "id",
+        "block_name_prefix",
+        "create_timestamp",
+        "access_timestamp",
+        "modify_timestamp",
+    ] {
+        o.remove(k);
+    }
+    info
+}
+
+#[test]
+fn librbd_in_process_and_the_rbd_cli_make_the_same_clone() {
+    let c = ceph();
+    let g = real();
+    let (id, data) = raw_image("rbd-native", 3 << 20, 205);
+    let cache = Cache::new();
+    // The first create imports through the CLI (`rbd import` stays a process) and clones.
+    let native = create(&cache, &g.url, "vm-lib", &id, &["--size", "12M", "-vv"]);
+    native.assert_code(0);
+    assert!(
+        native.stderr.contains("through librbd in process"),
+        "{}",
+        native.stderr
+    );
+    let cli = run(cache
+        .create(&g.url, "vm-cli", &id)
+        .args(["--backend", "rbd", "--size", "12M", "-vv", "--ceph-conf"])
+        .arg(&c.conf)
+        .env("IMGCACHE_LIBRBD", "off"));
+    cli.assert_code(0);
+    assert!(cli.stderr.contains("through the rbd CLI"), "{}", cli.stderr);
+    let (a, b) = (
+        clone_facts(c, "vms/vm-lib_disk"),
+        clone_facts(c, "vms/vm-cli_disk"),
+    );
+    assert_eq!(a, b, "same size, parent, features, object size");
+    assert_eq!(a["size"], 12 << 20);
+    let export = c.rbd(&["export", "--no-progress", "vms/vm-lib_disk", "-"]);
+    assert!(export[..data.len()] == data[..] && export[data.len()..].iter().all(|&x| x == 0));
+    // The parent's last-use mark was set in process too.
+    let parent = format!("images/imgcache-{}", entry_name(&id));
+    let used: u64 = String::from_utf8(c.rbd(&["image-meta", "get", &parent, "imgcache.last_used"]))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(used > 1_700_000_000, "{used}");
+    // An existing clone is found again (EEXIST from librbd), not replaced.
+    let again = create(&cache, &g.url, "vm-lib", &id, &["--size", "12M", "--json"]);
+    again.assert_code(0);
+    assert!(again.stdout.contains("\"exists\""), "{}", again.stdout);
+    // Delete removes through either path.
+    for (vm, env) in [("vm-lib", "auto"), ("vm-cli", "off")] {
+        run(imgcache()
+            .arg("delete")
+            .arg("--instances-path")
+            .arg(cache.instances())
+            .arg("--ceph-conf")
+            .arg(&c.conf)
+            .arg(vm)
+            .env("IMGCACHE_LIBRBD", env))
+        .assert_code(0);
+    }
+    let vms = c.ls("vms");
+    assert!(
+        !vms.iter().any(|v| v == "vm-lib_disk" || v == "vm-cli_disk"),
+        "{vms:?}"
+    );
+}
+
+#[test]
+fn an_unreachable_cluster_is_a_timeout_in_process_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("ceph.conf");
+    // Nothing listens on port 9 (discard is not served here): the monitor never answers.
+    std::fs::write(
+        &conf,
+        "[global]\nmon_host = v2:127.0.0.1:9\nauth_cluster_required = none\nauth_service_required = none\nauth_client_required = none\n",
+    )
+    .unwrap();
+    let srv = FaultServer::start(Image::raw("unreachable", test_bytes(1 << 20, 206)));
+    let cache = Cache::new();
+    let r = run(cache
+        .create(&srv.url, "vm-x", "unreachable")
+        .args(["--backend", "rbd", "--rbd-timeout", "3s", "--ceph-conf"])
+        .arg(&conf));
+    r.assert_code(7);
+    assert!(r.stderr.contains("timed out after 3s"), "{}", r.stderr);
+    assert!(!cache.instances().join("vm-x").exists());
+}

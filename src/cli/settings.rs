@@ -272,6 +272,7 @@ fn cluster(args: &RbdArgs) -> rbd::Cluster {
             id: args.ceph_id.clone(),
             keyring: args.ceph_keyring.clone(),
             timeout: args.rbd_timeout,
+            native: rbd::Native::default(),
         },
         images_pool: args.images_pool.clone(),
         instances_pool: args.instances_pool.clone(),

@@ -72,7 +72,7 @@ fn remove_clones(req: &Request, inst: &Instance, rep: &dyn Reporter) -> Result<(
         return Ok(());
     };
     for disk in record.disks.values().filter_map(|d| d.rbd.as_deref()) {
-        match req.cluster.rbd.rbd(&["rm", "--no-progress", disk]) {
+        match req.cluster.rbd.remove(disk) {
             Ok(_) => rep.info(&format!("removed rbd clone {disk}")),
             Err(e) if e.code() == Some(rbd::ENOENT) => {}
             Err(e) => {

@@ -234,6 +234,13 @@ fn environment_section(roff: &mut Roff, cmd: &clap::Command, top: bool) {
              (--os-cloud). Secrets are never printed.",
         )]);
     }
+    if cmd.get_arguments().any(|a| a.get_id() == "ceph_conf") {
+        roff.control("TP", []);
+        roff.text([bold("IMGCACHE_LIBRBD")]);
+        roff.text([roman(
+            "off: make every Ceph call with the rbd and ceph CLIs. Otherwise the calls of a              disk's life (clone, resize, remove, the parent's size and last-use mark) go              through librbd in process when librados.so.2 and librbd.so.1 can be loaded.",
+        )]);
+    }
     if top {
         roff.control("PP", []);
         roff.text([roman(

@@ -173,7 +173,7 @@ impl Job<'_> {
             if m.format == "rbd" {
                 let disk = m.path.to_string_lossy();
                 let disk = disk.trim_start_matches("rbd:");
-                let _ = self.req.cluster.rbd.rbd(&["rm", "--no-progress", disk]);
+                let _ = self.req.cluster.rbd.remove(disk);
             } else {
                 let _ = fsutil::remove_own(&m.path);
                 if m.role == "config-drive" {

@@ -80,19 +80,22 @@ pub fn root_disk(
         let _ = rbd.touch(image);
     }
     made.status = clone(job, &parent, &disk, size)?;
-    if made.status != Status::Exists && size > base.virtual_size {
-        let result = rbd.rbd(&[
-            "resize",
-            "--no-progress",
-            "--size",
-            &format!("{size}B"),
-            &disk,
-        ]);
-        if let Err(e) = result {
-            let _ = rbd.rbd(&["rm", "--no-progress", &disk]);
-            return Err(e.into());
-        }
+    if made.status != Status::Exists
+        && size > base.virtual_size
+        && let Err(e) = rbd.resize(&disk, size)
+    {
+        let _ = rbd.remove(&disk);
+        return Err(e.into());
     }
+    job.rep.debug(&format!(
+        "{disk} {} from {parent} through {}",
+        if made.status == Status::Exists {
+            "found, already cloned"
+        } else {
+            "cloned"
+        },
+        rbd.via()
+    ));
     Ok((base, made))
 }
 
@@ -100,8 +103,8 @@ pub fn root_disk(
 /// kept if it is the same clone, replaced with `--force`, a conflict otherwise.
 fn clone(job: &Job<'_>, parent: &str, disk: &str, size: u64) -> Result<Status> {
     let rbd = &job.req.cluster.rbd;
-    match rbd.rbd(&["clone", parent, disk]) {
-        Ok(_) => return Ok(Status::Created),
+    match rbd.clone_image(parent, disk) {
+        Ok(()) => return Ok(Status::Created),
         Err(e) if e.code() == Some(rbd::EEXIST) => {}
         Err(e) => return Err(e.into()),
     }
@@ -124,8 +127,8 @@ fn clone(job: &Job<'_>, parent: &str, disk: &str, size: u64) -> Result<Status> {
         }
         .into());
     }
-    rbd.rbd(&["rm", "--no-progress", disk])?;
-    rbd.rbd(&["clone", parent, disk])?;
+    rbd.remove(disk)?;
+    rbd.clone_image(parent, disk)?;
     Ok(Status::Replaced)
 }
 
@@ -165,15 +168,14 @@ fn direct_parent(job: &Job<'_>) -> Result<Option<Parent>> {
         return Ok(None);
     }
     let spec = format!("{pool}/{name}@{snap}");
-    let Some(info) = rbd.info(&spec)? else {
+    let Some(size) = rbd.size(&spec)? else {
         job.rep.warn(&format!(
             "{spec} from Glance's location is not readable; importing"
         ));
         return Ok(None);
     };
-    let virtual_size = info
-        .get("size")
-        .and_then(Value::as_u64)
+    let virtual_size = Some(size)
+        .filter(|&s| s > 0)
         .or(image.virtual_size)
         .or(image.size)
         .unwrap_or(0);
@@ -200,10 +202,9 @@ fn imported_name(job: &Job<'_>, entry: &str) -> String {
 /// The image some host imported into the images pool, if there is one.
 fn imported_parent(job: &Job<'_>, entry: &str) -> Result<Option<Parent>> {
     let parent = format!("{}@{SNAP}", imported_name(job, entry));
-    let Some(info) = job.req.cluster.rbd.info(&parent)? else {
+    let Some(virtual_size) = job.req.cluster.rbd.size(&parent)? else {
         return Ok(None);
     };
-    let virtual_size = info.get("size").and_then(Value::as_u64).unwrap_or(0);
     // Properties (kernel_id, ...) come from the local record or Glance.
     let properties = job
         .cache()

@@ -1,12 +1,17 @@
 //! The Ceph RBD backend, built on the real `rbd` and `ceph` CLIs (ceph-common): every call has a
 //! timeout (some commands hang forever without a manager daemon), its stderr goes into the error,
-//! and a missing tool names its Debian package.
+//! and a missing tool names its Debian package. The calls of an instance disk's life (the parent's
+//! size, its last-use mark, clone, resize, remove, the fsid) go through librbd in process when it
+//! can be loaded ([`native`]): one cluster connection per run instead of one `rbd` process each.
 //!
 //! Images imported by imgcache are named `imgcache-<sha1(image id)>` in the images pool, with one
 //! protected snapshot `snap`; instance disks are clones `<instance>_disk` in the instances pool.
 
+mod native;
+
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -39,6 +44,28 @@ pub enum Error {
         code: i32,
         stderr: String,
     },
+    #[error("librbd: {call} failed: {text} (errno {code})")]
+    Library {
+        call: String,
+        code: i32,
+        text: String,
+    },
+}
+
+impl Error {
+    fn from_library(f: native::Failure, timeout: Duration) -> Error {
+        if f.errno == libc::ETIMEDOUT {
+            return Error::Timeout {
+                cmd: format!("librbd: {}", f.call),
+                secs: timeout.as_secs(),
+            };
+        }
+        Error::Library {
+            text: f.text(),
+            code: f.errno,
+            call: f.call,
+        }
+    }
 }
 
 impl Error {
@@ -50,10 +77,11 @@ impl Error {
         }
     }
 
-    /// The exit code of a failed command, if it failed (not a timeout or missing tool).
+    /// The errno a failed command exited with or a library call returned (not for a timeout or
+    /// a missing tool).
     pub fn code(&self) -> Option<i32> {
         match self {
-            Error::Failed { code, .. } => Some(*code),
+            Error::Failed { code, .. } | Error::Library { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -85,9 +113,116 @@ pub struct Rbd {
     pub id: Option<String>,
     pub keyring: Option<PathBuf>,
     pub timeout: Duration,
+    /// The in-process connection, made on first use and shared by clones of this value.
+    pub native: Native,
+}
+
+/// The librbd connection of a run: not tried yet, not available (use the CLI), connected, or
+/// failed to connect (every call reports it).
+#[derive(Clone, Default)]
+pub struct Native(Arc<OnceLock<Connected>>);
+
+/// The outcome of the one connection attempt: `Ok(None)` = no libraries; `Err` = what failed
+/// and its errno.
+type Connected = Result<Option<native::Conn>, (String, i32)>;
+
+impl std::fmt::Debug for Native {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.0.get() {
+            None => "not tried",
+            Some(Ok(None)) => "unavailable",
+            Some(Ok(Some(_))) => "connected",
+            Some(Err(_)) => "failed",
+        };
+        write!(f, "Native({state})")
+    }
 }
 
 impl Rbd {
+    /// The in-process connection, or `None` to use the CLI.
+    fn conn(&self) -> Result<Option<&native::Conn>, Error> {
+        if !native::wanted() {
+            return Ok(None);
+        }
+        let state = self.native.0.get_or_init(|| {
+            native::Conn::connect(&native::Settings {
+                conf: self.conf.as_ref(),
+                id: self.id.as_deref(),
+                keyring: self.keyring.as_ref(),
+                timeout: self.timeout,
+            })
+            .map_err(|f| (f.call, f.errno))
+        });
+        match state {
+            Ok(conn) => Ok(conn.as_ref()),
+            Err((call, errno)) => Err(Error::from_library(
+                native::Failure {
+                    call: call.clone(),
+                    errno: *errno,
+                },
+                self.timeout,
+            )),
+        }
+    }
+
+    /// "librbd" or "the rbd CLI": how this run reaches the cluster (for `-vv`).
+    pub fn via(&self) -> &'static str {
+        match self.conn() {
+            Ok(Some(_)) => "librbd in process",
+            _ => "the rbd CLI",
+        }
+    }
+
+    /// Runs one library call, mapping its failure.
+    fn lib<T>(
+        &self,
+        conn: &native::Conn,
+        f: impl FnOnce(&native::Conn) -> Result<T, native::Failure>,
+    ) -> Result<T, Error> {
+        f(conn).map_err(|e| Error::from_library(e, self.timeout))
+    }
+
+    /// Size in bytes of an image or snapshot (`pool/image[@snap]`), `None` if it does not exist.
+    pub fn size(&self, spec: &str) -> Result<Option<u64>, Error> {
+        if let Some(conn) = self.conn()? {
+            return self.lib(conn, |c| c.size(spec));
+        }
+        Ok(self
+            .info(spec)?
+            .map(|v| v.get("size").and_then(Value::as_u64).unwrap_or(0)))
+    }
+
+    /// Clones the snapshot `parent` as `child` (EEXIST if `child` exists).
+    pub fn clone_image(&self, parent: &str, child: &str) -> Result<(), Error> {
+        if let Some(conn) = self.conn()? {
+            return self.lib(conn, |c| c.clone_image(parent, child));
+        }
+        self.rbd(&["clone", parent, child]).map(drop)
+    }
+
+    /// Grows an image to `size` bytes.
+    pub fn resize(&self, spec: &str, size: u64) -> Result<(), Error> {
+        if let Some(conn) = self.conn()? {
+            return self.lib(conn, |c| c.resize(spec, size));
+        }
+        self.rbd(&[
+            "resize",
+            "--no-progress",
+            "--size",
+            &format!("{size}B"),
+            spec,
+        ])
+        .map(drop)
+    }
+
+    /// Removes an image without snapshots (`rbd rm`).
+    pub fn remove(&self, spec: &str) -> Result<(), Error> {
+        if let Some(conn) = self.conn()? {
+            return self.lib(conn, |c| c.remove(spec));
+        }
+        self.rbd(&["rm", "--no-progress", spec]).map(drop)
+    }
+
     /// `<tool> -c <conf> [--id ID] [--keyring FILE]`; `IMGCACHE_RBD` / `IMGCACHE_CEPH` name
     /// another binary for the tool (a wrapper, a test double).
     fn command(&self, tool: &str) -> Command {
@@ -143,6 +278,9 @@ impl Rbd {
 
     /// The cluster's fsid.
     pub fn fsid(&self) -> Result<String, Error> {
+        if let Some(conn) = self.conn()? {
+            return self.lib(conn, native::Conn::fsid);
+        }
         Ok(self.run("ceph", &["fsid"])?.trim().to_owned())
     }
 
@@ -189,6 +327,9 @@ impl Rbd {
     /// Records "used now" on an imported image (prune's age).
     pub fn touch(&self, image_spec: &str) -> Result<(), Error> {
         let now = units::unix_now().to_string();
+        if let Some(conn) = self.conn()? {
+            return self.lib(conn, |c| c.metadata_set(image_spec, META_LAST_USED, &now));
+        }
         self.rbd(&["image-meta", "set", image_spec, META_LAST_USED, &now])
             .map(drop)
     }
@@ -320,6 +461,7 @@ mod tests {
             id: None,
             keyring: None,
             timeout: Duration::from_secs(1),
+            native: Native::default(),
         };
         // A tool name that is on no PATH.
         let e = r.run("imgcache-no-such-tool", &["ls"]).unwrap_err();
