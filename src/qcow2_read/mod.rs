@@ -479,6 +479,33 @@ mod tests {
     }
 
     #[test]
+    fn deflate_clusters_follow_qemus_rule_whichever_decoder_reads_them() {
+        use std::io::Write;
+        let deflate = |data: &[u8]| {
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut d = pool::Decoder::new(false);
+        let mut out = vec![0u8; 8192];
+        // Exactly one cluster, sector-padded: the fast path.
+        let mut exact = deflate(&data[..8192]);
+        exact.resize(exact.len().div_ceil(512) * 512, 0xAA);
+        assert!(d.cluster(&exact, &mut out));
+        assert_eq!(out, data[..8192]);
+        // A stream longer than the cluster: qemu keeps the first cluster's worth (zlib's path).
+        out.fill(0);
+        assert!(d.cluster(&deflate(&data), &mut out));
+        assert_eq!(out, data[..8192]);
+        // Shorter than the cluster, or garbage: refused, and the decoder still works after.
+        assert!(!d.cluster(&deflate(&data[..4096]), &mut out));
+        assert!(!d.cluster(b"garbage", &mut out));
+        assert!(d.cluster(&exact, &mut out));
+        assert_eq!(out, data[..8192]);
+    }
+
+    #[test]
     fn a_short_or_bad_compressed_cluster_is_refused() {
         let mut out = vec![0u8; 4096];
         assert!(!pool::zlib_cluster(b"garbage", &mut out));

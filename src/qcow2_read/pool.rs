@@ -263,23 +263,39 @@ fn work(
 }
 
 /// A thread's decompressor, reused from cluster to cluster.
-enum Decoder {
-    Zlib(flate2::Decompress),
+pub enum Decoder {
+    /// libdeflate first (a whole buffer at once, about 1.5x zlib's speed); zlib decides every
+    /// cluster libdeflate does not decode to exactly a full cluster.
+    Zlib(Box<libdeflater::Decompressor>, flate2::Decompress),
     Zstd(Option<zstd::stream::raw::Decoder<'static>>),
 }
 
 impl Decoder {
-    fn new(zstd: bool) -> Decoder {
+    pub fn new(zstd: bool) -> Decoder {
         if zstd {
             Decoder::Zstd(zstd::stream::raw::Decoder::new().ok())
         } else {
-            Decoder::Zlib(flate2::Decompress::new(false))
+            Decoder::Zlib(
+                Box::new(libdeflater::Decompressor::new()),
+                flate2::Decompress::new(false),
+            )
         }
     }
 
-    fn cluster(&mut self, input: &[u8], out: &mut [u8]) -> bool {
+    /// Decompresses one cluster into `out` (its full size); false if the data is not one.
+    pub fn cluster(&mut self, input: &[u8], out: &mut [u8]) -> bool {
         match self {
-            Decoder::Zlib(d) => {
+            Decoder::Zlib(fast, d) => {
+                // A stream that ends exactly at the cluster's end decodes to the same bytes in
+                // both (and zlib too would stop there: qemu's rule is met). Anything else — a
+                // stream longer than the cluster (qemu takes its first cluster's worth), shorter,
+                // or one libdeflate refuses — is zlib's to judge, as qemu does with zlib.
+                if fast
+                    .deflate_decompress(input, out)
+                    .is_ok_and(|n| n == out.len())
+                {
+                    return true;
+                }
                 d.reset(false);
                 inflate(d, input, out)
             }
