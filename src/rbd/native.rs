@@ -41,8 +41,8 @@ type Image = *mut c_void;
 type Opts = *mut c_void;
 type Progress = unsafe extern "C" fn(u64, u64, *mut c_void) -> c_int;
 
-/// The functions used, resolved once from the loaded libraries (which they borrow from: the
-/// libraries live as long as this struct).
+/// The functions used, resolved once from the loaded libraries. Loaded once per process and
+/// never unloaded: `dlclose` of C++ libraries that started threads is not safe to rely on.
 struct Api {
     create2: unsafe extern "C" fn(*mut Rados, *const c_char, *const c_char, u64) -> c_int,
     conf_read_file: unsafe extern "C" fn(Rados, *const c_char) -> c_int,
@@ -71,9 +71,15 @@ struct Api {
     remove: unsafe extern "C" fn(Ioctx, *const c_char) -> c_int,
     opts_create: unsafe extern "C" fn(*mut Opts),
     opts_destroy: unsafe extern "C" fn(Opts),
-    // Dropped last (fields drop in order): the pointers above point into them.
+    // Kept (in the process-wide static) so the pointers above stay valid.
     _rbd: Library,
     _rados: Library,
+}
+
+/// The libraries, loaded on first use; `None` if they cannot be (no ceph-common).
+fn api() -> Option<&'static Api> {
+    static API: std::sync::OnceLock<Option<Api>> = std::sync::OnceLock::new();
+    API.get_or_init(|| Api::load().ok()).as_ref()
 }
 
 impl Api {
@@ -145,7 +151,7 @@ fn names_identity(args: &str) -> bool {
 
 /// A connected cluster handle.
 pub struct Conn {
-    api: Api,
+    api: &'static Api,
     cluster: Rados,
 }
 
@@ -233,7 +239,7 @@ unsafe extern "C" fn no_progress(_: u64, _: u64, _: *mut c_void) -> c_int {
 impl Conn {
     /// Loads the libraries and connects. `Ok(None)`: the libraries are not there (use the CLI).
     pub fn connect(s: &Settings<'_>) -> Result<Option<Conn>, Failure> {
-        let Ok(api) = Api::load() else {
+        let Some(api) = api() else {
             return Ok(None);
         };
         let mut cluster: Rados = std::ptr::null_mut();
