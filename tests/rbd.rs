@@ -83,6 +83,32 @@ fn create(
         .args(extra))
 }
 
+/// `imgcache delete VM --ceph-conf CONF` on the cache's instances path.
+fn delete(cache: &Cache, vm: &str) -> Command {
+    let mut cmd = imgcache();
+    cmd.arg("delete")
+        .arg("--instances-path")
+        .arg(cache.instances())
+        .arg("--ceph-conf")
+        .arg(&ceph().conf)
+        .arg(vm);
+    cmd
+}
+
+/// The clone reads as the base followed by zeros, `size` bytes in all.
+fn assert_clone_content(c: &Ceph, disk: &str, base: &[u8], size: usize) {
+    let export = c.rbd(&["export", "--no-progress", disk, "-"]);
+    assert_eq!(export.len(), size);
+    assert!(
+        export[..base.len()] == base[..],
+        "clone content equals the base"
+    );
+    assert!(
+        export[base.len()..].iter().all(|&b| b == 0),
+        "the extension reads as zeros"
+    );
+}
+
 fn raw_image(name: &str, len: usize, seed: u64) -> (String, Vec<u8>) {
     let tmp = tempfile::tempdir().unwrap();
     let data = test_bytes(len, seed);
@@ -108,16 +134,7 @@ fn import_clone_resize_and_content() {
         format!("imgcache-{}", entry_name(&id))
     );
     assert_eq!(info["parent"]["snapshot"], "snap");
-    let export = c.rbd(&["export", "--no-progress", "vms/vm-rbd1_disk", "-"]);
-    assert_eq!(export.len(), 16 << 20);
-    assert!(
-        export[..data.len()] == data[..],
-        "clone content equals the base"
-    );
-    assert!(
-        export[data.len()..].iter().all(|&b| b == 0),
-        "the extension reads as zeros"
-    );
+    assert_clone_content(c, "vms/vm-rbd1_disk", &data, 16 << 20);
     assert!(
         !cache.base().join(entry_name(&id)).exists(),
         "local base removed after import"
@@ -211,14 +228,7 @@ fn delete_and_prune_leave_the_pool_clean_and_never_touch_images_with_clones() {
     assert_eq!(item["users"], 2);
 
     for vm in ["vm-p1", "vm-p2"] {
-        run(imgcache()
-            .arg("delete")
-            .arg("--instances-path")
-            .arg(cache.instances())
-            .arg("--ceph-conf")
-            .arg(&c.conf)
-            .arg(vm))
-        .assert_code(0);
+        run(&mut delete(&cache, vm)).assert_code(0);
     }
     let vms = c.ls("vms");
     assert!(
@@ -333,8 +343,7 @@ fn librbd_in_process_and_the_rbd_cli_make_the_same_clone() {
     );
     assert_eq!(a, b, "same size, parent, features, object size");
     assert_eq!(a["size"], 12 << 20);
-    let export = c.rbd(&["export", "--no-progress", "vms/vm-lib_disk", "-"]);
-    assert!(export[..data.len()] == data[..] && export[data.len()..].iter().all(|&x| x == 0));
+    assert_clone_content(c, "vms/vm-lib_disk", &data, 12 << 20);
     // The parent's last-use mark was set in process too.
     let parent = format!("images/imgcache-{}", entry_name(&id));
     let used: u64 = String::from_utf8(c.rbd(&["image-meta", "get", &parent, "imgcache.last_used"]))
@@ -349,15 +358,7 @@ fn librbd_in_process_and_the_rbd_cli_make_the_same_clone() {
     assert!(again.stdout.contains("\"exists\""), "{}", again.stdout);
     // Delete removes through either path.
     for (vm, env) in [("vm-lib", "auto"), ("vm-cli", "off")] {
-        run(imgcache()
-            .arg("delete")
-            .arg("--instances-path")
-            .arg(cache.instances())
-            .arg("--ceph-conf")
-            .arg(&c.conf)
-            .arg(vm)
-            .env("IMGCACHE_LIBRBD", env))
-        .assert_code(0);
+        run(delete(&cache, vm).env("IMGCACHE_LIBRBD", env)).assert_code(0);
     }
     let vms = c.ls("vms");
     assert!(
