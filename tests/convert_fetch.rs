@@ -7,8 +7,8 @@ use std::path::Path;
 
 use crate::support::fault_server::{Action, FaultServer, Image};
 use crate::support::glance::real;
-use crate::support::qcow2::{alias_cluster, done_record, qcow2_of};
-use crate::support::{Cache, qcow2_to_raw, qemu_img, run, test_bytes};
+use crate::support::qcow2::{alias_cluster, done_record, overlay_of, qcow2_of};
+use crate::support::{Cache, qcow2_to_raw, run, test_bytes};
 
 /// Half data, half zeros: compressible, with holes in the result.
 fn image_bytes(seed: u64) -> Vec<u8> {
@@ -164,17 +164,7 @@ fn a_header_the_inspector_refuses_fails_the_fetch_with_no_temp_left() {
     let backing = tmp.path().join("backing.raw");
     std::fs::write(&backing, vec![1u8; 1 << 20]).unwrap();
     let qcow = tmp.path().join("with-backing.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        backing.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-        "1M",
-    ]);
+    overlay_of(&qcow, backing.to_str().unwrap(), "raw", "1M");
     let srv = served(&qcow, "with-backing");
     let cache = Cache::new();
     let r = run(cache.fetch(&srv.url).args(["-v", "with-backing"]));

@@ -50,17 +50,7 @@ fn base_file(cache: &Cache, name: &str, len: usize, secs: u64) -> PathBuf {
 
 /// `qemu-img create -f qcow2 -F raw -b BACKING DISK` (the size is the backing file's).
 fn overlay(disk: &Path, backing: &Path) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        backing.to_str().unwrap(),
-        disk.to_str().unwrap(),
-    ]);
+    crate::support::qcow2::overlay_of(disk, backing.to_str().unwrap(), "raw", "");
 }
 
 /// An instance directory the way Nova's Qcow2 backend leaves it: `disk` (and optionally

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::support::fault_server::{FaultServer, Image};
-use crate::support::{Cache, entry_name, imgcache, make_qcow2, qemu_img, run, test_bytes};
+use crate::support::{Cache, entry_name, imgcache, make_qcow2, run, test_bytes};
 
 fn aged(path: &Path, secs: u64) {
     std::fs::File::open(path)
@@ -82,18 +82,7 @@ fn max_size_as_a_share_of_the_filesystem() {
 /// A qcow2 overlay `disk` in `dir` backed by `backing` (spelled as given).
 fn overlay(dir: &Path, file: &str, backing: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    let out = dir.join(file);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        backing,
-        out.to_str().unwrap(),
-        "64M",
-    ]);
+    crate::support::qcow2::overlay_of(&dir.join(file), backing, "raw", "64M");
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::support::glance::real;
-use crate::support::{Cache, entry_name, imgcache, qemu_img, run, test_bytes};
+use crate::support::qcow2::overlay_of;
+use crate::support::{Cache, entry_name, imgcache, run, test_bytes};
 
 const HOUR: u64 = 3600;
 
@@ -61,26 +62,6 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u64, SystemTime, String)> {
 
 fn overlay(disk: &Path, backing: &str) {
     overlay_of(disk, backing, "raw", "64M");
-}
-
-/// `qemu-img create -f qcow2 -b BACKING -F FMT DISK [SIZE]`.
-fn overlay_of(disk: &Path, backing: &str, backing_fmt: &str, size: &str) {
-    let disk = disk.to_str().unwrap();
-    let mut args = vec![
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing,
-        "-F",
-        backing_fmt,
-        disk,
-    ];
-    if !size.is_empty() {
-        args.push(size);
-    }
-    qemu_img(&args);
 }
 
 #[test]

@@ -66,9 +66,7 @@ impl Error {
             call: f.call,
         }
     }
-}
 
-impl Error {
     /// The exit-code kind of this error.
     pub fn kind(&self) -> Kind {
         match self {
@@ -122,9 +120,8 @@ pub struct Rbd {
 #[derive(Clone, Default)]
 pub struct Native(Arc<OnceLock<Connected>>);
 
-/// The outcome of the one connection attempt: `Ok(None)` = no libraries; `Err` = what failed
-/// and its errno.
-type Connected = Result<Option<native::Conn>, (String, i32)>;
+/// The outcome of the one connection attempt: `Ok(None)` = no libraries; `Err` = what failed.
+type Connected = Result<Option<native::Conn>, native::Failure>;
 
 impl std::fmt::Debug for Native {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,17 +148,10 @@ impl Rbd {
                 keyring: self.keyring.as_ref(),
                 timeout: self.timeout,
             })
-            .map_err(|f| (f.call, f.errno))
         });
         match state {
             Ok(conn) => Ok(conn.as_ref()),
-            Err((call, errno)) => Err(Error::from_library(
-                native::Failure {
-                    call: call.clone(),
-                    errno: *errno,
-                },
-                self.timeout,
-            )),
+            Err(f) => Err(Error::from_library(f.clone(), self.timeout)),
         }
     }
 
@@ -173,19 +163,23 @@ impl Rbd {
         }
     }
 
-    /// Runs one library call, mapping its failure.
-    fn lib<T>(
+    /// Runs one call through librbd, mapping its failure; `Ok(None)`: use the CLI instead.
+    fn in_process<T>(
         &self,
-        conn: &native::Conn,
         f: impl FnOnce(&native::Conn) -> Result<T, native::Failure>,
-    ) -> Result<T, Error> {
-        f(conn).map_err(|e| Error::from_library(e, self.timeout))
+    ) -> Result<Option<T>, Error> {
+        let Some(conn) = self.conn()? else {
+            return Ok(None);
+        };
+        f(conn)
+            .map(Some)
+            .map_err(|e| Error::from_library(e, self.timeout))
     }
 
     /// Size in bytes of an image or snapshot (`pool/image[@snap]`), `None` if it does not exist.
     pub fn size(&self, spec: &str) -> Result<Option<u64>, Error> {
-        if let Some(conn) = self.conn()? {
-            return self.lib(conn, |c| c.size(spec));
+        if let Some(done) = self.in_process(|c| c.size(spec))? {
+            return Ok(done);
         }
         Ok(self
             .info(spec)?
@@ -194,16 +188,16 @@ impl Rbd {
 
     /// Clones the snapshot `parent` as `child` (EEXIST if `child` exists).
     pub fn clone_image(&self, parent: &str, child: &str) -> Result<(), Error> {
-        if let Some(conn) = self.conn()? {
-            return self.lib(conn, |c| c.clone_image(parent, child));
+        if let Some(done) = self.in_process(|c| c.clone_image(parent, child))? {
+            return Ok(done);
         }
         self.rbd(&["clone", parent, child]).map(drop)
     }
 
     /// Grows an image to `size` bytes.
     pub fn resize(&self, spec: &str, size: u64) -> Result<(), Error> {
-        if let Some(conn) = self.conn()? {
-            return self.lib(conn, |c| c.resize(spec, size));
+        if let Some(done) = self.in_process(|c| c.resize(spec, size))? {
+            return Ok(done);
         }
         self.rbd(&[
             "resize",
@@ -217,8 +211,8 @@ impl Rbd {
 
     /// Removes an image without snapshots (`rbd rm`).
     pub fn remove(&self, spec: &str) -> Result<(), Error> {
-        if let Some(conn) = self.conn()? {
-            return self.lib(conn, |c| c.remove(spec));
+        if let Some(done) = self.in_process(|c| c.remove(spec))? {
+            return Ok(done);
         }
         self.rbd(&["rm", "--no-progress", spec]).map(drop)
     }
@@ -278,8 +272,8 @@ impl Rbd {
 
     /// The cluster's fsid.
     pub fn fsid(&self) -> Result<String, Error> {
-        if let Some(conn) = self.conn()? {
-            return self.lib(conn, native::Conn::fsid);
+        if let Some(done) = self.in_process(native::Conn::fsid)? {
+            return Ok(done);
         }
         Ok(self.run("ceph", &["fsid"])?.trim().to_owned())
     }
@@ -327,8 +321,8 @@ impl Rbd {
     /// Records "used now" on an imported image (prune's age).
     pub fn touch(&self, image_spec: &str) -> Result<(), Error> {
         let now = units::unix_now().to_string();
-        if let Some(conn) = self.conn()? {
-            return self.lib(conn, |c| c.metadata_set(image_spec, META_LAST_USED, &now));
+        if let Some(done) = self.in_process(|c| c.metadata_set(image_spec, META_LAST_USED, &now))? {
+            return Ok(done);
         }
         self.rbd(&["image-meta", "set", image_spec, META_LAST_USED, &now])
             .map(drop)

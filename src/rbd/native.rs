@@ -15,7 +15,7 @@ use std::time::Duration;
 use libloading::Library;
 
 /// errno of a failed call (positive), and what was called.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Failure {
     pub call: String,
     pub errno: i32,
@@ -26,6 +26,13 @@ impl Failure {
         Failure {
             call,
             errno: r.saturating_neg(),
+        }
+    }
+
+    fn invalid(what: String) -> Failure {
+        Failure {
+            call: what,
+            errno: libc::EINVAL,
         }
     }
 
@@ -170,10 +177,7 @@ struct Spec {
 }
 
 fn cstr(s: &str) -> Result<CString, Failure> {
-    CString::new(s).map_err(|_| Failure {
-        call: format!("name {s:?}"),
-        errno: libc::EINVAL,
-    })
+    CString::new(s).map_err(|_| Failure::invalid(format!("name {s:?}")))
 }
 
 fn spec(s: &str) -> Result<Spec, Failure> {
@@ -185,18 +189,10 @@ fn spec(s: &str) -> Result<Spec, Failure> {
     let (pool, namespace, image) = match parts.as_slice() {
         [pool, image] => (*pool, None, *image),
         [pool, ns, image] => (*pool, Some(cstr(ns)?), *image),
-        _ => {
-            return Err(Failure {
-                call: format!("image spec {s:?}"),
-                errno: libc::EINVAL,
-            });
-        }
+        _ => return Err(Failure::invalid(format!("image spec {s:?}"))),
     };
     if pool.is_empty() || image.is_empty() {
-        return Err(Failure {
-            call: format!("image spec {s:?}"),
-            errno: libc::EINVAL,
-        });
+        return Err(Failure::invalid(format!("image spec {s:?}")));
     }
     Ok(Spec {
         pool: cstr(pool)?,
@@ -391,10 +387,9 @@ impl Conn {
     pub fn clone_image(&self, parent: &str, child: &str) -> Result<(), Failure> {
         let (p, c) = (spec(parent)?, spec(child)?);
         let Some(snap) = &p.snap else {
-            return Err(Failure {
-                call: format!("clone parent {parent:?} (no snapshot)"),
-                errno: libc::EINVAL,
-            });
+            return Err(Failure::invalid(format!(
+                "clone parent {parent:?} (no snapshot)"
+            )));
         };
         let (pio, cio) = (self.pool(&p)?, self.pool(&c)?);
         let mut opts: Opts = std::ptr::null_mut();

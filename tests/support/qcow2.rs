@@ -97,3 +97,23 @@ pub fn done_record(part: &Path) -> Option<String> {
     let n = usize::try_from(n).ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// `qemu-img create -f qcow2 -b BACKING -F FMT DISK [SIZE]` (no size: the backing file's).
+pub fn overlay_of(disk: &Path, backing: &str, backing_fmt: &str, size: &str) {
+    let disk = disk.to_str().unwrap();
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        disk,
+    ];
+    if !size.is_empty() {
+        args.push(size);
+    }
+    qemu_img(&args);
+}
